@@ -1,0 +1,73 @@
+"""Lightning callbacks of our own: throughput and a progress bar that counts optimizer steps."""
+
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import RichProgressBar
+
+
+class TokenThroughput(pl.Callback):
+    """Log training tokens per second (input tokens of every batch, all ranks) to the progress bar.
+
+    It also keeps the totals, which the run summary and the results table report.
+    """
+
+    def __init__(self, log_every_n_steps: int = 10):
+        self.log_every_n_steps = log_every_n_steps
+        self.tokens = 0
+        self.train_seconds = 0.0
+        self._window_tokens = 0
+        self._window_start: float | None = None
+        self._batch_start: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        """Start the batch clock."""
+        self._batch_start = time.perf_counter()
+        if self._window_start is None:
+            self._window_start = self._batch_start
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Count the batch's tokens and log the rate over the last few steps."""
+        n = batch[0].numel() * trainer.world_size
+        now = time.perf_counter()
+        self.tokens += n
+        self.train_seconds += now - self._batch_start
+        self._window_tokens += n
+        if (batch_idx + 1) % self.log_every_n_steps == 0:
+            rate = self._window_tokens / max(now - self._window_start, 1e-9)
+            pl_module.log("train/tokens_per_s", rate, prog_bar=True, rank_zero_only=True)
+            self._window_tokens, self._window_start = 0, now
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        """Validation time does not count against the training rate."""
+        self._window_tokens, self._window_start = 0, None
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Training tokens per second of training-step time over the whole run."""
+        return self.tokens / self.train_seconds if self.train_seconds else 0.0
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich progress bar whose training total is the run's remaining steps when ``max_steps`` ends it first."""
+
+    @property
+    def total_train_batches(self):
+        """Batches shown as the bar's total for this epoch."""
+        total = super().total_train_batches
+        max_steps = self.trainer.max_steps
+        if max_steps and max_steps > 0 and isinstance(total, (int, float)):
+            return min(total, (max_steps - self.trainer.global_step) * self.trainer.accumulate_grad_batches)
+        return total
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Lightning's "Epoch 0/-2" is meaningless when max_steps ends the run.
+        return f"epoch {current_epoch}"
+
+    def get_metrics(self, trainer, pl_module):
+        """Drop the logger's version number from the bar."""
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics

@@ -1,0 +1,77 @@
+"""Command-line entry points. ``train.py`` and ``lmforge-train`` both land in :func:`train`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import LmforgeError
+
+log = logging.getLogger("lmforge")
+
+CONF_DIR = Path(os.environ.get("LMFORGE_CONF", Path(__file__).resolve().parents[2] / "conf"))
+
+
+def config_choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    """The names a user can give a config group (file names in ``conf/<group>/`` without ``.yaml``)."""
+    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
+def check_group_choices(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Fail with one sentence when an override names a config that does not exist (``model=gtp2``)."""
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()} if conf_dir.is_dir() else set()
+    for arg in overrides:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~").removeprefix("override ").strip()
+        if key not in groups or "(" in value:  # sweeps like range(...) are Hydra's to check
+            continue
+        for name in value.split(","):
+            if name and name != "null" and not (conf_dir / key / f"{name}.yaml").is_file():
+                raise LmforgeError(f"Unknown {key} '{name}'; choose one of: {', '.join(config_choices(key, conf_dir))}.")
+
+
+def _fail(err: BaseException) -> None:
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _hydra_entry(task_function: Callable[[Any], Any], config_name: str) -> None:
+    """Run a Hydra main function, turning user errors into one sentence and exit status 1."""
+    import hydra
+
+    try:
+        check_group_choices(sys.argv[1:])
+    except LmforgeError as err:
+        _fail(err)
+
+    @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
+    def main(cfg):
+        try:
+            return task_function(cfg)
+        except LmforgeError as err:
+            _fail(err)
+
+    main()
+
+
+def train() -> None:
+    """Train a model on a task: ``lmforge-train model=gpt2-tiny task=tinyshakespeare [key=value ...]``.
+
+    Every choice is a Hydra override of ``conf/train.yaml``; ``--cfg job`` prints the
+    composed config and ``-m`` sweeps over comma-separated values.
+    """
+    from lmforge.training import run_training
+
+    _hydra_entry(run_training, "train")
+
+
+if __name__ == "__main__":
+    train()

@@ -1,0 +1,85 @@
+"""The one place that turns a composed config into objects."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tokenizers import Tokenizer
+from torch import nn
+
+from lmforge.callbacks import TokenThroughput
+from lmforge.errors import LmforgeError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built from one config."""
+
+    tokenizer: Tokenizer
+    datamodule: pl.LightningDataModule
+    backbone: nn.Module
+    task: pl.LightningModule
+    trainer: pl.Trainer
+    throughput: TokenThroughput | None
+
+
+def _without(node: DictConfig, *keys: str) -> DictConfig:
+    """A copy of a config node without the given keys (descriptive keys that are not constructor arguments)."""
+    return OmegaConf.masked_copy(node, [k for k in node if k not in keys])
+
+
+def build_backbone(model_cfg: DictConfig, vocab_size: int) -> nn.Module:
+    """Instantiate a backbone from its ``model=`` config for a tokenizer's vocabulary size."""
+    return instantiate(_without(model_cfg, "name"), vocab_size=vocab_size)
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    """Instantiate every logger of the ``logger=`` group (W&B, CSV, TensorBoard, any mix)."""
+    return [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """Instantiate every callback of the ``callbacks=`` group."""
+    return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+
+
+def build_run(cfg: DictConfig, loggers: list[Any] | None = None) -> Run:
+    """Build tokenizer, data, backbone, task and trainer from a composed config.
+
+    Args:
+        cfg: the composed ``train.yaml`` with ``paths.run_dir`` set.
+        loggers: already built loggers (the CLI builds them first to report where they write);
+            None builds them from the config.
+    """
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    texts = instantiate(cfg.task.source).load(cfg.paths.data_dir)
+    tokenizer = instantiate(_without(cfg.tokenizer, "name"))(texts["train"])
+    datamodule = instantiate(cfg.task.data, texts=texts, tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir)
+    backbone = build_backbone(cfg.model, tokenizer.get_vocab_size())
+    block_size = getattr(datamodule, "block_size", None)
+    n_positions = getattr(backbone, "n_positions", None)
+    if block_size and n_positions and block_size > n_positions:
+        raise LmforgeError(
+            f"task.data.block_size={block_size} is longer than the model's n_positions={n_positions}; "
+            f"lower task.data.block_size or raise model.n_positions."
+        )
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    task = instantiate(
+        cfg.task.module,
+        backbone=backbone,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=scheduler,
+        tokenizer=tokenizer,
+        chars_per_token=getattr(datamodule, "chars_per_token", None),
+    )
+    callbacks = build_callbacks(cfg)
+    trainer = instantiate(cfg.trainer, logger=loggers if loggers is not None else build_loggers(cfg), callbacks=callbacks)
+    throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
+    return Run(tokenizer, datamodule, backbone, task, trainer, throughput)

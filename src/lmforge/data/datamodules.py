@@ -1,0 +1,135 @@
+"""Lightning DataModules: token ids in, batches of fixed-length windows out."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader, Dataset
+
+from lmforge.data.tokenizers import encode_text, tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+class TokenWindows(Dataset):
+    """Windows of ``block_size + 1`` consecutive tokens taken every ``stride`` tokens.
+
+    Item ``i`` is ``(input_ids, labels)``: the window without its last token and
+    the window shifted by one. A stride of 1 makes every position a start, which
+    with shuffling is nanoGPT's random-offset sampling without replacement.
+    """
+
+    def __init__(self, ids: np.ndarray, block_size: int, stride: int):
+        if len(ids) <= block_size:
+            raise ValueError(f"{len(ids)} tokens are too few for windows of {block_size}")
+        self.ids = torch.from_numpy(ids.astype(np.int64))
+        self.block_size = block_size
+        self.stride = stride
+
+    def __len__(self) -> int:
+        return (len(self.ids) - self.block_size - 1) // self.stride + 1
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = i * self.stride
+        window = self.ids[start : start + self.block_size + 1]
+        return window[:-1], window[1:]
+
+
+class LanguageModelingDataModule(pl.LightningDataModule):
+    """Causal language modelling on one long token stream per split.
+
+    Args:
+        texts: split name -> raw text (from :class:`lmforge.data.sources.TextCorpus`).
+        tokenizer: the run's tokenizer.
+        block_size: tokens per training window.
+        batch_size: windows per batch.
+        train_stride: distance between training window starts; None means
+            ``block_size`` (non-overlapping), 1 means every offset.
+        eval_seed: seed of the fixed order in which validation windows are read, so that
+            ``limit_val_batches`` sees windows from the whole split.
+        cache_dir: where token ids are cached, keyed by text and tokenizer.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        texts: dict[str, str],
+        tokenizer: Tokenizer,
+        block_size: int = 256,
+        batch_size: int = 32,
+        train_stride: int | None = None,
+        eval_seed: int = 0,
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.train_stride = train_stride or block_size
+        self.eval_seed = eval_seed
+        self.num_workers = num_workers
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        self.ids = {split: self._encode(text, fingerprint, cache_dir) for split, text in texts.items()}
+        self.chars_per_token = {s: len(texts[s]) / max(len(self.ids[s]), 1) for s in texts}
+
+    def _encode(self, text: str, fingerprint: str, cache_dir: str | None) -> np.ndarray:
+        """Token ids of one split, read from the cache when the same text and tokenizer were seen."""
+        dtype = np.uint16 if self.tokenizer.get_vocab_size() < 2**16 else np.int32
+        path = None
+        if cache_dir:
+            key = hashlib.sha256(fingerprint.encode() + b"\0" + text.encode()).hexdigest()[:32]
+            path = Path(cache_dir) / "tokens" / f"{key}.npy"
+            if path.is_file():
+                return np.load(path)
+        ids = np.asarray(encode_text(self.tokenizer, text), dtype=dtype)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{np.random.randint(1 << 30)}.tmp.npy")
+            np.save(tmp, ids)
+            tmp.replace(path)  # atomic: concurrent runs never read a half-written file
+        return ids
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        """Number of tokens in each split."""
+        return {split: len(ids) for split, ids in self.ids.items()}
+
+    def _windows(self, split: str, stride: int) -> TokenWindows:
+        return TokenWindows(self.ids[split], self.block_size, stride)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        windows = self._windows(split, self.block_size)
+        order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(self.eval_seed)).tolist()
+        subset = torch.utils.data.Subset(windows, order)
+        return DataLoader(subset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training windows."""
+        return DataLoader(
+            self._windows("train", self.train_stride),
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """Non-overlapping validation windows in a fixed shuffled order."""
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        """Non-overlapping test windows in a fixed shuffled order."""
+        return self._eval_loader("test")
+
+    @property
+    def has_test_split(self) -> bool:
+        """Whether the corpus has a test split."""
+        return "test" in self.ids

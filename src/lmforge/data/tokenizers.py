@@ -1,0 +1,120 @@
+"""Tokenizers built with the `tokenizers` library: character-level, trained BPE, GPT-2.
+
+Each builder takes the training text (some ignore it) and returns a
+``tokenizers.Tokenizer``. Tokenizer configs are partials of these builders, so
+the composition function can build the tokenizer once the training text is read.
+A run saves its tokenizer as ``tokenizer.json``; everything that reloads the run
+uses that file through :func:`load_tokenizer`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lmforge.errors import LmforgeError
+from lmforge.hub import hub_reachable
+
+log = logging.getLogger(__name__)
+
+UNK = "<unk>"
+EOS = "<|endoftext|>"
+
+
+def char_tokenizer(train_text: str) -> Tokenizer:
+    """One token per character seen in the training text, plus ``<unk>`` for the rest."""
+    chars = sorted(set(train_text))
+    vocab = {ch: i for i, ch in enumerate(chars)}
+    vocab[UNK] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    # Split into single characters, newlines included, and join them back with nothing between.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([UNK])
+    return tok
+
+
+def bpe_tokenizer(train_text: str, vocab_size: int = 8192, min_frequency: int = 2) -> Tokenizer:
+    """Byte-level BPE (the GPT-2 scheme) trained on the training text."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_chunks(train_text), trainer=trainer)
+    return tok
+
+
+def gpt2_tokenizer(train_text: str | None = None, local_dir: str | None = None, hub_id: str = "gpt2") -> Tokenizer:
+    """The public GPT-2 byte-level BPE (50,257 tokens), from local files or the hub.
+
+    Args:
+        train_text: ignored; present so that every builder has the same call.
+        local_dir: folder holding ``vocab.json`` and ``merges.txt``.
+        hub_id: hub repository that holds ``tokenizer.json``, used when online.
+    """
+    if local_dir and (Path(local_dir) / "vocab.json").is_file():
+        tok = Tokenizer(models.BPE.from_file(str(Path(local_dir) / "vocab.json"), str(Path(local_dir) / "merges.txt")))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([EOS])
+        return tok
+    if hub_reachable():
+        return Tokenizer.from_pretrained(hub_id)
+    raise LmforgeError(
+        f"The GPT-2 tokenizer files were not found in {local_dir} (vocab.json, merges.txt) "
+        f"and the hub ({hub_id}) cannot be reached; set LMFORGE_DATA to a data mirror or go online."
+    )
+
+
+def _chunks(text: str, size: int = 1 << 16):
+    """Yield the text in pieces of whole lines, so that encoding and training can work in batches."""
+    lines = text.splitlines(keepends=True)
+    buf, n = [], 0
+    for line in lines:
+        buf.append(line)
+        n += len(line)
+        if n >= size:
+            yield "".join(buf)
+            buf, n = [], 0
+    if buf:
+        yield "".join(buf)
+
+
+def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Encode a long text as one id sequence, in parallel batches of whole lines."""
+    ids: list[int] = []
+    for enc in tokenizer.encode_batch(list(_chunks(text)), add_special_tokens=False):
+        ids.extend(enc.ids)
+    return ids
+
+
+def save_tokenizer(tokenizer: Tokenizer, run_dir: str | Path) -> Path:
+    """Write ``tokenizer.json`` into a run directory and return its path."""
+    path = Path(run_dir) / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer saved by :func:`save_tokenizer` (a run dir or the json file)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # the tokenizers library raises bare Exceptions
+        raise LmforgeError(f"Cannot read the tokenizer file {path}: {err}") from err
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """A stable string that changes when the tokenizer's vocabulary or rules change."""
+    return json.dumps(json.loads(tokenizer.to_str()), sort_keys=True)

@@ -1,0 +1,9 @@
+"""The one exception type for problems a user can fix (bad config, missing data)."""
+
+
+class LmforgeError(Exception):
+    """A user-facing error: its message is one sentence that says what is wrong and how to fix it.
+
+    The CLI prints the message alone and exits with status 1; set
+    ``HYDRA_FULL_ERROR=1`` to see the traceback instead.
+    """

@@ -1,0 +1,103 @@
+"""GPT: a decoder-only Transformer in the shape of GPT-2.
+
+Parameter names match the public GPT-2 checkpoint (``transformer.wte``,
+``transformer.h.0.attn.c_attn``, ``transformer.ln_f``, ``lm_head``), so loading
+it is a name table plus a transpose of the Conv1D weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmforge.models.layers import PreNormBlock
+
+
+class GPT(nn.Module):
+    """Token + learned position embeddings, pre-LayerNorm blocks, tied output head.
+
+    Args:
+        vocab_size: number of token ids (taken from the tokenizer).
+        n_layer: number of Transformer blocks.
+        n_head: attention heads per block.
+        n_embd: model width.
+        n_positions: longest sequence the position table covers.
+        dropout: dropout on embeddings, attention and MLP outputs.
+        bias: whether linear layers and LayerNorms have biases.
+    """
+
+    kind = "decoder"
+
+    def __init__(
+        self,
+        vocab_size: int,
+        n_layer: int = 12,
+        n_head: int = 12,
+        n_embd: int = 768,
+        n_positions: int = 1024,
+        dropout: float = 0.0,
+        bias: bool = True,
+    ):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.n_positions = n_positions
+        self.n_embd = n_embd
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(vocab_size, n_embd),
+                wpe=nn.Embedding(n_positions, n_embd),
+                drop=nn.Dropout(dropout),
+                h=nn.ModuleList(PreNormBlock(n_embd, n_head, dropout, bias) for _ in range(n_layer)),
+                ln_f=nn.LayerNorm(n_embd, bias=bias),
+            )
+        )
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) at init.
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, exclude_positions: bool = False) -> int:
+        """Count parameters once (the tied head is not counted twice)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if exclude_positions else n
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the blocks.
+
+        Args:
+            input_ids: (B, T) token ids, T <= n_positions.
+            attention_mask: optional (B, T), 1 for real tokens, 0 for padding.
+        Returns:
+            (B, T, n_embd) final hidden states, after ``ln_f``.
+        """
+        T = input_ids.shape[1]
+        if T > self.n_positions:
+            raise ValueError(f"sequence of {T} tokens is longer than n_positions={self.n_positions}")
+        pos = torch.arange(T, device=input_ids.device)
+        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, attention_mask)
+        return self.transformer.ln_f(x)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits.
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: optional (B, T), 1 for real tokens, 0 for padding.
+        Returns:
+            (B, T, vocab_size) logits.
+        """
+        return self.lm_head(self.hidden_states(input_ids, attention_mask))

@@ -1,0 +1,135 @@
+"""Causal language modelling: next-token cross-entropy, perplexity, bits per character, samples."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch import nn
+from torchmetrics import MeanMetric
+
+from lmforge.errors import LmforgeError
+from lmforge.generation import generate
+from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory, configure_optimization
+
+sample_log = logging.getLogger("lmforge.samples")
+
+
+class LanguageModelingTask(pl.LightningModule):
+    """Train a decoder backbone to predict the next token.
+
+    Args:
+        backbone: a decoder (``kind == "decoder"``) mapping (B, T) ids to (B, T, V) logits.
+        optimizer: partial optimizer, called with the parameter groups.
+        scheduler: partial schedule, called with the optimizer and the total steps; or None.
+        tokenizer: the run's tokenizer, used to decode samples; None turns samples off.
+        chars_per_token: split -> characters per token, for bits per character.
+        num_samples: texts sampled at the end of each validation (0 turns it off).
+        sample_prompt: text the samples start from.
+        sample_tokens: tokens per sample.
+        sample_temperature, sample_top_k: sampling settings for the samples.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        tokenizer: Tokenizer | None = None,
+        chars_per_token: dict[str, float] | None = None,
+        num_samples: int = 1,
+        sample_prompt: str = "\n",
+        sample_tokens: int = 200,
+        sample_temperature: float = 0.8,
+        sample_top_k: int | None = 200,
+    ):
+        super().__init__()
+        if getattr(backbone, "kind", None) != "decoder":
+            raise LmforgeError(
+                f"Language modelling needs a decoder backbone; {type(backbone).__name__} is "
+                f"'{getattr(backbone, 'kind', 'unknown')}'."
+            )
+        self.backbone = backbone
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.tokenizer = tokenizer
+        self.chars_per_token = chars_per_token or {}
+        self.num_samples = num_samples
+        self.sample_prompt = sample_prompt
+        self.sample_tokens = sample_tokens
+        self.sample_temperature = sample_temperature
+        self.sample_top_k = sample_top_k
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        self.samples: list[tuple[int, str]] = []
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, V) logits."""
+        return self.backbone(input_ids)
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        input_ids, labels = batch
+        logits = self.backbone(input_ids)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        """One optimisation step's loss."""
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """Accumulate the token-weighted validation loss."""
+        self.val_loss.update(self._loss(batch), weight=batch[1].numel())
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        """Accumulate the token-weighted test loss."""
+        self.test_loss.update(self._loss(batch), weight=batch[1].numel())
+
+    def _log_split(self, prefix: str, split: str, metric: MeanMetric) -> None:
+        loss = metric.compute()
+        metric.reset()
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
+        self.log(f"{prefix}/ppl", torch.exp(loss))
+        if split in self.chars_per_token:
+            # nats per token -> bits per character
+            self.log(f"{prefix}/bpc", loss / math.log(2) / self.chars_per_token[split])
+
+    def on_validation_epoch_end(self) -> None:
+        """Log loss, perplexity and bits per character; sample a few texts."""
+        self._log_split("val", "validation", self.val_loss)
+        if not self.trainer.sanity_checking and self.tokenizer is not None and self.num_samples > 0:
+            self._sample()
+
+    def on_test_epoch_end(self) -> None:
+        """Log test loss, perplexity and bits per character."""
+        self._log_split("test", "test", self.test_loss)
+
+    def _sample(self) -> None:
+        prompt = self.tokenizer.encode(self.sample_prompt, add_special_tokens=False).ids or [0]
+        input_ids = torch.tensor([prompt] * self.num_samples, device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(self.global_step)
+        out = generate(
+            self.backbone,
+            input_ids,
+            self.sample_tokens,
+            temperature=self.sample_temperature,
+            top_k=self.sample_top_k,
+            generator=generator,
+        )
+        texts = [self.tokenizer.decode(row.tolist()) for row in out]
+        if self.trainer.is_global_zero:
+            for text in texts:
+                self.samples.append((self.global_step, text))
+                sample_log.info("sample at step %d:\n%s", self.global_step, text)
+            for logger in self.loggers:
+                if hasattr(logger, "log_text"):  # W&B: a table of samples
+                    logger.log_text(key="samples", columns=["step", "text"], data=[[self.global_step, t] for t in texts])
+
+    def configure_optimizers(self):
+        """Optimizer with weight decay on matrices only, and a per-step schedule."""
+        return configure_optimization(self, self.optimizer_factory, self.scheduler_factory)

@@ -1,0 +1,32 @@
+"""Optimizer set-up shared by every task: weight-decay groups and a per-step schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+def weight_decay_groups(module: nn.Module) -> list[dict]:
+    """Split trainable parameters: matrices and embeddings decay, biases and norm weights do not."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2]},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def configure_optimization(
+    task: pl.LightningModule, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None
+) -> dict:
+    """Build the optimizer over the task's parameters and a scheduler stepped every optimizer step."""
+    opt = optimizer(weight_decay_groups(task))
+    if scheduler is None:
+        return {"optimizer": opt}
+    total = int(task.trainer.estimated_stepping_batches)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler(opt, total_steps=total), "interval": "step"}}

@@ -1,0 +1,220 @@
+"""Run tracking: run directories, loggers (W&B online or offline, CSV, TensorBoard), run metadata,
+the results table and the curves plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import netrc
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import time
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "pytorch-lightning", "hydra-core", "wandb", "torchmetrics", "datasets", "tokenizers", "lmforge")
+
+
+def make_run_dir(output_root: str | Path, model: str, task: str) -> tuple[str, Path]:
+    """Create a new, unique run directory ``<root>/runs/<date>/<time>-<model>-<task>-<random>``.
+
+    Returns:
+        (run id, run directory). The random suffix keeps two runs started in the
+        same second apart.
+    """
+    now = datetime.now()
+    while True:
+        run_id = f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+        run_dir = Path(output_root).resolve() / "runs" / f"{now:%Y-%m-%d}" / f"{now:%H-%M-%S}-{model}-{task}-{run_id[-6:]}"
+        try:
+            run_dir.mkdir(parents=True, exist_ok=False)
+            return run_id, run_dir
+        except FileExistsError:
+            continue
+
+
+def wandb_has_credentials() -> bool:
+    """True when a W&B API key is in the environment or in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_mode(mode: str | None = None) -> str:
+    """Pick the W&B mode: the config's, else ``WANDB_MODE``, else online only when a key is present."""
+    if mode:
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if wandb_has_credentials() else "offline"
+
+
+def wandb_logger(
+    save_dir: str,
+    run_id: str,
+    name: str,
+    project: str = "lmforge",
+    entity: str | None = None,
+    mode: str | None = None,
+    tags: list[str] | None = None,
+    init_timeout: float = 15.0,
+):
+    """A Lightning W&B logger that never prompts and never hangs a run.
+
+    Without an API key it writes offline files under ``save_dir/wandb`` (upload them
+    later with ``wandb sync``); ``WANDB_MODE`` is respected.
+    """
+    import wandb
+    from pytorch_lightning.loggers import WandbLogger
+
+    resolved = wandb_mode(mode)
+    settings = wandb.Settings(silent=True, console="off", init_timeout=init_timeout, x_disable_stats=resolved != "online")
+    logger = WandbLogger(
+        save_dir=save_dir,
+        id=run_id,
+        name=name,
+        project=project,
+        entity=entity,
+        tags=list(tags or []),
+        mode=resolved,
+        settings=settings,
+    )
+    # Lightning always passes `anonymous`, which recent wandb versions warn about.
+    logger._wandb_init.pop("anonymous", None)
+    return logger
+
+
+def describe_wandb(logger) -> str:
+    """One line saying where a W&B logger writes and whether it is online."""
+    run = logger.experiment
+    if run.settings.mode == "offline" or getattr(run.settings, "_offline", False):
+        return f"W&B offline: {run.dir.rsplit('/files', 1)[0]} (upload later with `wandb sync`)"
+    return f"W&B online: {run.url}"
+
+
+def git_state(cwd: str | Path | None = None) -> dict[str, Any]:
+    """The git commit of the working tree and whether it has uncommitted changes (None outside git)."""
+    cwd = cwd or Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_sha": sha, "git_dirty": bool(dirty) if dirty is not None else None}
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages that decide a run's numbers."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def hardware() -> dict[str, Any]:
+    """CPU, core count and GPU names of this machine."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "gpus": gpus}
+
+
+def run_metadata(seed: int) -> dict[str, Any]:
+    """Everything needed to tell how a run was made: command, git, versions, hardware, seed."""
+    return {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        **git_state(),
+        "versions": package_versions(),
+        "hardware": hardware(),
+        "seed": seed,
+    }
+
+
+def append_result(results_file: str | Path, record: dict[str, Any]) -> None:
+    """Append one JSON line to the results table (one write, so concurrent runs do not interleave)."""
+    path = Path(results_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, default=str) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write a JSON file atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def plot_curves(metrics_csv: str | Path, png: str | Path) -> Path | None:
+    """Plot training and validation loss against step from a CSV logger's metrics file."""
+    metrics_csv = Path(metrics_csv)
+    if not metrics_csv.is_file():
+        return None
+    curves: dict[str, tuple[list[int], list[float]]] = {"train/loss": ([], []), "val/loss": ([], [])}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            for key, (steps, values) in curves.items():
+                if row.get(key):
+                    steps.append(int(row["step"]))
+                    values.append(float(row[key]))
+    if not any(steps for steps, _ in curves.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, (steps, values) in curves.items():
+        if steps:
+            ax.plot(steps, values, label=key, marker="o" if key.startswith("val") else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return Path(png)
+
+
+class Stopwatch:
+    """Wall time since the process started a run."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.started_at = datetime.now().isoformat(timespec="seconds")
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since start."""
+        return time.perf_counter() - self.start

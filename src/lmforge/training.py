@@ -1,0 +1,128 @@
+"""One training run from a composed config: run dir, build, fit, test, report."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lmforge import tracking
+from lmforge.compose import build_loggers, build_run
+from lmforge.console import log_to_file, setup_console
+from lmforge.data.tokenizers import save_tokenizer
+
+log = logging.getLogger("lmforge")
+
+
+def _float_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: round(float(v), 6) for k, v in sorted(metrics.items())}
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+def run_training(cfg: DictConfig) -> dict[str, Any]:
+    """Train (and test, when the task has a test split) as the config says.
+
+    Returns:
+        the record appended to the results table: run id and dir, metadata, metrics.
+    """
+    setup_console()
+    stopwatch = tracking.Stopwatch()
+    run_id, run_dir = tracking.make_run_dir(cfg.paths.output_root, cfg.model.name, cfg.task.name)
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(run_dir)
+        cfg.run_id = run_id
+    file_log = log_to_file(run_dir)
+    try:
+        return _train_in(cfg, run_id, run_dir, stopwatch)
+    finally:
+        logging.getLogger().removeHandler(file_log)
+        file_log.close()
+
+
+def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.Stopwatch) -> dict[str, Any]:
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    log.info("run dir: %s", run_dir)
+    loggers = build_loggers(cfg)
+    run = build_run(cfg, loggers)
+    save_tokenizer(run.tokenizer, run_dir)
+    n_params = sum(p.numel() for p in run.backbone.parameters())
+    trainable = sum(p.numel() for p in run.task.parameters() if p.requires_grad)
+    sizes = ", ".join(f"{k} {v:,}" for k, v in run.datamodule.split_sizes.items())
+    log.info("model: %s (%s, %s parameters)", cfg.model.name, type(run.backbone).__name__, _fmt_params(n_params))
+    log.info("task: %s (%s tokens)", cfg.task.name, sizes)
+    log.info("tokenizer: %s (%d tokens)", cfg.tokenizer.get("name", "?"), run.tokenizer.get_vocab_size())
+    trainer = run.trainer
+    log.info("device: %s x%d, precision %s", trainer.accelerator.__class__.__name__.replace("Accelerator", "").lower(),
+             trainer.num_devices, trainer.precision)
+
+    hparams = OmegaConf.to_container(cfg, resolve=True)
+    hparams.pop("hydra", None)
+    for logger in loggers:
+        logger.log_hyperparams(hparams)
+        if type(logger).__name__ == "WandbLogger":
+            log.info("tracking: %s", tracking.describe_wandb(logger))
+        elif getattr(logger, "log_dir", None):
+            log.info("tracking: %s -> %s", type(logger).__name__.replace("Logger", ""), logger.log_dir)
+
+    trainer.fit(run.task, datamodule=run.datamodule)
+    metrics = _float_metrics({k: v for k, v in trainer.callback_metrics.items() if not k.endswith("tokens_per_s")})
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None else ""
+    if getattr(run.datamodule, "has_test_split", False) and cfg.get("test_after_fit", True):
+        test = trainer.test(run.task, datamodule=run.datamodule, ckpt_path="best" if best else None, verbose=False)
+        metrics.update(_float_metrics(test[0] if test else {}))
+    if checkpoint is not None and checkpoint.best_model_score is not None:
+        metrics[f"best_{checkpoint.monitor}"] = round(float(checkpoint.best_model_score), 6)
+
+    wall = stopwatch.elapsed
+    tokens_per_s = run.throughput.tokens_per_second if run.throughput else None
+    record = {
+        "run_id": run_id,
+        "run_dir": str(run_dir),
+        "started_at": stopwatch.started_at,
+        "model": cfg.model.name,
+        "task": cfg.task.name,
+        "tokenizer": cfg.tokenizer.get("name"),
+        "parameters": n_params,
+        "trainable_parameters": trainable,
+        "steps": trainer.global_step,
+        "metrics": metrics,
+        "wall_time_s": round(wall, 2),
+        "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
+        "best_checkpoint": best or None,
+        **tracking.run_metadata(cfg.seed),
+    }
+    if trainer.is_global_zero:
+        tracking.write_json(run_dir / "metrics.json", record)
+        tracking.append_result(cfg.paths.results_file, record)
+        curves = tracking.plot_curves(run_dir / "csv" / "metrics.csv", run_dir / "curves.png")
+        _summary(record, run, loggers, curves)
+    return record
+
+
+def _summary(record: dict[str, Any], run, loggers: list[Any], curves: Path | None) -> None:
+    shown = {k: v for k, v in record["metrics"].items() if k.startswith(("val/", "test/", "best_"))}
+    log.info("done in %.1f s (%s steps, %s tokens/s)", record["wall_time_s"], record["steps"], record["tokens_per_s"])
+    log.info("metrics: %s", ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    if record["best_checkpoint"]:
+        log.info("best checkpoint: %s", record["best_checkpoint"])
+    if curves:
+        log.info("curves: %s", curves)
+    samples = getattr(run.task, "samples", None)
+    if samples:
+        step, text = samples[-1]
+        log.info("sample at step %d:\n%s", step, text)
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            experiment = logger.experiment
+            experiment.summary.update(record["metrics"])
+            offline = experiment.settings.mode == "offline"
+            experiment.finish()
+            if offline:
+                log.info("W&B is offline; upload with: wandb sync %s", Path(experiment.dir).parent)
+    log.info("run dir: %s", record["run_dir"])
