@@ -33,7 +33,9 @@ def check_group_choices(overrides: list[str], conf_dir: Path = CONF_DIR) -> None
             continue
         for name in value.split(","):
             if name and name != "null" and not (conf_dir / key / f"{name}.yaml").is_file():
-                raise LmforgeError(f"Unknown {key} '{name}'; choose one of: {', '.join(config_choices(key, conf_dir))}.")
+                raise LmforgeError(
+                    f"Unknown {key} '{name}'; choose one of: {', '.join(config_choices(key, conf_dir))}."
+                )
 
 
 def _fail(err: BaseException) -> None:
@@ -68,9 +70,13 @@ def train() -> None:
     Every choice is a Hydra override of ``conf/train.yaml``; ``--cfg job`` prints the
     composed config and ``-m`` sweeps over comma-separated values.
     """
-    from lmforge.training import run_training
 
-    _hydra_entry(run_training, "train")
+    def run(cfg):
+        from lmforge.training import run_training  # heavy imports only after the config is known to be valid
+
+        return run_training(cfg)
+
+    _hydra_entry(run, "train")
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ def build_run(cfg: DictConfig, loggers: list[Any] | None = None) -> Run:
         chars_per_token=getattr(datamodule, "chars_per_token", None),
     )
     callbacks = build_callbacks(cfg)
-    trainer = instantiate(cfg.trainer, logger=loggers if loggers is not None else build_loggers(cfg), callbacks=callbacks)
+    trainer = instantiate(
+        cfg.trainer, logger=loggers if loggers is not None else build_loggers(cfg), callbacks=callbacks
+    )
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
     return Run(tokenizer, datamodule, backbone, task, trainer, throughput)

@@ -40,7 +40,11 @@ def setup_console() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     root = logging.getLogger()
     for h in list(root.handlers):  # Hydra's own console handler, if it set one up
-        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) and not getattr(h, "_lmforge", False):
+        if (
+            isinstance(h, logging.StreamHandler)
+            and not isinstance(h, logging.FileHandler)
+            and not getattr(h, "_lmforge", False)
+        ):
             root.removeHandler(h)
     if not any(getattr(h, "_lmforge", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stdout)

@@ -33,7 +33,9 @@ def make_run_dir(output_root: str | Path, model: str, task: str) -> tuple[str, P
     now = datetime.now()
     while True:
         run_id = f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-        run_dir = Path(output_root).resolve() / "runs" / f"{now:%Y-%m-%d}" / f"{now:%H-%M-%S}-{model}-{task}-{run_id[-6:]}"
+        run_dir = (
+            Path(output_root).resolve() / "runs" / f"{now:%Y-%m-%d}" / f"{now:%H-%M-%S}-{model}-{task}-{run_id[-6:]}"
+        )
         try:
             run_dir.mkdir(parents=True, exist_ok=False)
             return run_id, run_dir
@@ -79,7 +81,9 @@ def wandb_logger(
     from pytorch_lightning.loggers import WandbLogger
 
     resolved = wandb_mode(mode)
-    settings = wandb.Settings(silent=True, console="off", init_timeout=init_timeout, x_disable_stats=resolved != "online")
+    settings = wandb.Settings(
+        silent=True, console="off", init_timeout=init_timeout, x_disable_stats=resolved != "online"
+    )
     logger = WandbLogger(
         save_dir=save_dir,
         id=run_id,

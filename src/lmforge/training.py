@@ -57,8 +57,12 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
     log.info("task: %s (%s tokens)", cfg.task.name, sizes)
     log.info("tokenizer: %s (%d tokens)", cfg.tokenizer.get("name", "?"), run.tokenizer.get_vocab_size())
     trainer = run.trainer
-    log.info("device: %s x%d, precision %s", trainer.accelerator.__class__.__name__.replace("Accelerator", "").lower(),
-             trainer.num_devices, trainer.precision)
+    log.info(
+        "device: %s x%d, precision %s",
+        trainer.accelerator.__class__.__name__.replace("Accelerator", "").lower(),
+        trainer.num_devices,
+        trainer.precision,
+    )
 
     hparams = OmegaConf.to_container(cfg, resolve=True)
     hparams.pop("hydra", None)

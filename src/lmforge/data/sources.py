@@ -79,7 +79,9 @@ class TextCorpus:
                 f"(it has: {', '.join(sorted(texts))})"
                 + (f"; online, the hub id {self.hub_id} provides it." if self.hub_id else ".")
             )
-        log.info("data: %s from %s (%s)", self.name, where, ", ".join(f"{k} {len(v):,} chars" for k, v in texts.items()))
+        log.info(
+            "data: %s from %s (%s)", self.name, where, ", ".join(f"{k} {len(v):,} chars" for k, v in texts.items())
+        )
         return texts
 
     def _from_folder(self, folder: Path) -> dict[str, str]:

@@ -83,7 +83,7 @@ class GPT(nn.Module):
             (B, T, n_embd) final hidden states, after ``ln_f``.
         """
         T = input_ids.shape[1]
-        if T > self.n_positions:
+        if self.n_positions < T:
             raise ValueError(f"sequence of {T} tokens is longer than n_positions={self.n_positions}")
         pos = torch.arange(T, device=input_ids.device)
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))

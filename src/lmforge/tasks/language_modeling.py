@@ -128,7 +128,9 @@ class LanguageModelingTask(pl.LightningModule):
                 sample_log.info("sample at step %d:\n%s", self.global_step, text)
             for logger in self.loggers:
                 if hasattr(logger, "log_text"):  # W&B: a table of samples
-                    logger.log_text(key="samples", columns=["step", "text"], data=[[self.global_step, t] for t in texts])
+                    logger.log_text(
+                        key="samples", columns=["step", "text"], data=[[self.global_step, t] for t in texts]
+                    )
 
     def configure_optimizers(self):
         """Optimizer with weight decay on matrices only, and a per-step schedule."""

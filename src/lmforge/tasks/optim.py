@@ -25,7 +25,11 @@ def configure_optimization(
     task: pl.LightningModule, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None
 ) -> dict:
     """Build the optimizer over the task's parameters and a scheduler stepped every optimizer step."""
-    opt = optimizer(weight_decay_groups(task))
+    overrides = {}
+    if getattr(optimizer, "keywords", {}).get("fused") and "mixed" in str(task.trainer.precision):
+        # Lightning's mixed-precision plugin cannot clip the gradients of a fused optimizer.
+        overrides["fused"] = False
+    opt = optimizer(weight_decay_groups(task), **overrides)
     if scheduler is None:
         return {"optimizer": opt}
     total = int(task.trainer.estimated_stepping_batches)

@@ -1,0 +1,72 @@
+"""Shared fixtures: configs composed from the real conf/ with small overrides."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from lmforge.cli import CONF_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = os.environ.get("LMFORGE_DATA")
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# A tiny but real run: char-level GPT on Tiny Shakespeare, a few steps, CSV only.
+TINY = [
+    "experiment=shakespeare-char",
+    "logger=none",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "task.module.sample_tokens=8",
+    "model.n_layer=1",
+    "model.n_embd=32",
+    "model.n_head=2",
+]
+
+requires_data = pytest.mark.skipif(
+    not DATA_DIR or not Path(DATA_DIR).is_dir(), reason="needs the local data mirror (LMFORGE_DATA)"
+)
+
+
+def make_cfg(overrides: list[str], output_root: Path, data_dir: str | None = DATA_DIR) -> DictConfig:
+    """Compose conf/train.yaml as `python train.py <overrides>` would, writing under ``output_root``."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_root = str(output_root)
+        cfg.paths.data_dir = data_dir
+    return cfg
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    """Compose a config whose outputs land in this test's temporary folder."""
+
+    def factory(overrides: list[str], data_dir: str | None = DATA_DIR) -> DictConfig:
+        return make_cfg(overrides, tmp_path / "outputs", data_dir)
+
+    return factory
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300):
+    """Run ``python train.py <args>`` in a subprocess, as a user would."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    for key, value in list(full_env.items()):
+        if value is None:
+            del full_env[key]
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

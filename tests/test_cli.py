@@ -1,0 +1,47 @@
+"""What a user sees on bad input: one sentence and exit status 1."""
+
+import pytest
+
+from conftest import DATA_DIR, requires_data, run_cli
+from lmforge.cli import check_group_choices, config_choices
+from lmforge.errors import LmforgeError
+
+
+def test_unknown_group_choice_lists_the_names_that_exist():
+    with pytest.raises(LmforgeError, match=r"^Unknown model 'gtp2'; choose one of: gpt2, gpt2-mini, gpt2-tiny\.$"):
+        check_group_choices(["model=gtp2"])
+    with pytest.raises(LmforgeError, match="Unknown task 'nope'"):
+        check_group_choices(["-m", "task=tinyshakespeare,nope"])
+    check_group_choices(["model=gpt2-tiny", "task=tinyshakespeare", "optimizer.lr=1e-3", "debug=null"])
+    assert "shakespeare-char" in config_choices("experiment")
+
+
+def test_cli_unknown_model_is_one_line_and_exit_1():
+    result = run_cli(["model=gtp2"])
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: Unknown model 'gtp2'; choose one of: gpt2, gpt2-mini, gpt2-tiny."
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@requires_data
+def test_cli_missing_train_split_is_one_sentence(tmp_path):
+    result = run_cli(["task=wikitext2", f"paths.output_root={tmp_path}"], env={"LMFORGE_DATA": DATA_DIR})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Dataset 'wikitext-2'") and "has no train split" in last
+
+
+def test_cli_missing_data_dir_names_folder_and_variable(tmp_path):
+    missing = tmp_path / "no-such-mirror"
+    result = run_cli(["task=wikitext2", f"paths.output_root={tmp_path}"], env={"LMFORGE_DATA": str(missing)})
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert str(missing / "wikitext-2") in last and "LMFORGE_DATA" in last
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_config_typo_is_reported_without_traceback(tmp_path):
+    result = run_cli(["trainer.max_stpes=5", f"paths.output_root={tmp_path}"])
+    assert result.returncode == 1
+    assert "max_stpes" in result.stderr and "Traceback" not in result.stderr

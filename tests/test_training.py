@@ -1,0 +1,139 @@
+"""End-to-end runs on Tiny Shakespeare with tiny configs, in process."""
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+from conftest import TINY, make_cfg
+from lmforge.cli import CONF_DIR
+from lmforge.data.sources import TextCorpus
+from lmforge.data.tokenizers import char_tokenizer, encode_text, load_tokenizer
+from lmforge.tracking import make_run_dir
+from lmforge.training import run_training
+
+RESULT_FIELDS = {
+    "run_id",
+    "run_dir",
+    "started_at",
+    "git_sha",
+    "git_dirty",
+    "versions",
+    "seed",
+    "model",
+    "task",
+    "parameters",
+    "metrics",
+    "wall_time_s",
+    "tokens_per_s",
+    "command",
+    "hardware",
+}
+
+
+@pytest.fixture
+def offline_wandb(monkeypatch, tmp_path):
+    """No W&B key anywhere and no WANDB_MODE: the default must go offline by itself."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+
+
+def test_default_run_writes_everything_offline(cfg_factory, offline_wandb):
+    overrides = [o for o in TINY if not o.startswith("logger=")]  # the default loggers: W&B + CSV
+    cfg = cfg_factory(overrides)
+    record = run_training(cfg)
+    run_dir = Path(record["run_dir"])
+
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and list(offline_runs[0].glob("run-*.wandb"))
+    metrics_csv = (run_dir / "csv" / "metrics.csv").read_text()
+    assert "train/loss" in metrics_csv and "val/loss" in metrics_csv
+    for name in ("config.yaml", "tokenizer.json", "metrics.json", "curves.png", "train.log", "checkpoints/last.ckpt"):
+        assert (run_dir / name).is_file(), name
+    assert "sample at step 4" in (run_dir / "train.log").read_text()
+
+    lines = (Path(cfg.paths.results_file)).read_text().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert set(result) >= RESULT_FIELDS
+    assert result["steps"] == 4 and result["model"] == "gpt2-tiny" and result["task"] == "tinyshakespeare"
+    assert result["metrics"]["val/loss"] > 0 and result["tokens_per_s"] > 0
+    assert result["versions"]["torch"] and len(result["git_sha"] or "x" * 40) == 40
+
+    # The saved tokenizer gives the same ids as the one the run trained with.
+    texts = TextCorpus(name="tinyshakespeare", builtin="tinyshakespeare").load(None)
+    sample = texts["validation"][:3000]
+    assert encode_text(load_tokenizer(run_dir), sample) == encode_text(char_tokenizer(texts["train"]), sample)
+
+
+@pytest.mark.slow
+def test_loss_falls_well_below_unigram_entropy(cfg_factory):
+    texts = TextCorpus(name="tinyshakespeare", builtin="tinyshakespeare").load(None)
+    counts = Counter(texts["train"])
+    total = sum(counts.values())
+    unigram = -sum(c / total * math.log(c / total) for c in counts.values())  # ~3.3 nats
+    cfg = cfg_factory(
+        [
+            "experiment=shakespeare-char",
+            "logger=none",
+            "trainer.max_steps=300",
+            "trainer.val_check_interval=300",
+            "task.module.num_samples=0",
+        ]
+    )
+    record = run_training(cfg)
+    assert record["metrics"]["val/loss"] < unigram - 0.6, (record["metrics"], unigram)
+
+
+@pytest.mark.slow
+def test_overfit_preset_drives_loss_near_zero(cfg_factory):
+    cfg = cfg_factory(
+        [
+            "debug=overfit",
+            "logger=none",
+            "task.data.block_size=32",
+            "task.data.batch_size=4",
+            "task.module.num_samples=0",
+        ]
+    )
+    record = run_training(cfg)
+    assert record["metrics"]["train/loss"] < 0.1, record["metrics"]
+
+
+def test_bf16_mixed_precision_runs_a_few_steps(cfg_factory):
+    record = run_training(
+        cfg_factory([*TINY, "trainer.precision=bf16-mixed", "trainer.max_steps=2", "trainer.val_check_interval=2"])
+    )
+    assert math.isfinite(record["metrics"]["val/loss"])
+
+
+def test_profile_preset_writes_a_report(cfg_factory):
+    record = run_training(cfg_factory([*TINY, "debug=profile", "trainer.max_steps=3", "trainer.val_check_interval=3"]))
+    reports = list(Path(record["run_dir"]).glob("*profile*.txt"))
+    assert reports and "run_training_epoch" in reports[0].read_text()
+
+
+def test_two_runs_in_the_same_second_get_two_dirs(tmp_path):
+    dirs = {make_run_dir(tmp_path, "m", "t")[1] for _ in range(5)}
+    assert len(dirs) == 5 and all(d.is_dir() for d in dirs)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
+    cfg = make_cfg([f"experiment={experiment}"], tmp_path)
+    assert cfg.model.name and cfg.task.name
+    instantiate(cfg.task.source)
+    instantiate(cfg.optimizer)
+    instantiate(cfg.scheduler)
+
+
+@pytest.mark.parametrize("trainer", ["default", "cpu", "gpu", "ddp"])
+@pytest.mark.parametrize("logger", ["default", "wandb", "csv", "tensorboard", "all", "none"])
+def test_config_groups_compose(trainer, logger, tmp_path):
+    cfg = make_cfg([f"trainer={trainer}", f"logger={logger}"], tmp_path)
+    assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
