@@ -18,6 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from lmforge.hub import host_reachable
+
 log = logging.getLogger(__name__)
 
 PACKAGES = ("torch", "pytorch-lightning", "hydra-core", "wandb", "torchmetrics", "datasets", "tokenizers", "lmforge")
@@ -54,12 +56,18 @@ def wandb_has_credentials() -> bool:
 
 
 def wandb_mode(mode: str | None = None) -> str:
-    """Pick the W&B mode: the config's, else ``WANDB_MODE``, else online only when a key is present."""
+    """Pick the W&B mode: the config's, else ``WANDB_MODE``, else online when a key is present and
+    the server answers within a few seconds, else offline."""
     if mode:
         return mode
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    return "online" if wandb_has_credentials() else "offline"
+    if not wandb_has_credentials():
+        return "offline"
+    if not host_reachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")):
+        log.warning("W&B has a key but its server cannot be reached; logging offline.")
+        return "offline"
+    return "online"
 
 
 def wandb_logger(
@@ -70,7 +78,7 @@ def wandb_logger(
     entity: str | None = None,
     mode: str | None = None,
     tags: list[str] | None = None,
-    init_timeout: float = 15.0,
+    init_timeout: float = 10.0,
 ):
     """A Lightning W&B logger that never prompts and never hangs a run.
 
@@ -97,6 +105,24 @@ def wandb_logger(
     # Lightning always passes `anonymous`, which recent wandb versions warn about.
     logger._wandb_init.pop("anonymous", None)
     return logger
+
+
+def start_wandb(logger, fallback_mode: str = "offline"):
+    """Start the W&B run now; if an online start fails (no network, bad key), go on offline.
+
+    Returns:
+        the logger to use (the same one, or an offline replacement).
+    """
+    try:
+        logger.experiment  # noqa: B018 -- starting the run is the point
+        return logger
+    except Exception as err:  # wandb raises several unrelated types for network and auth failures
+        log.warning("W&B could not start online (%s); logging offline instead.", str(err).splitlines()[0][:200])
+        init = logger._wandb_init
+        return wandb_logger(
+            save_dir=init["dir"], run_id=f"{init['id']}-offline", name=init["name"], project=init["project"],
+            entity=init.get("entity"), mode=fallback_mode, tags=init.get("tags"),
+        )  # fmt: skip
 
 
 def describe_wandb(logger) -> str:

@@ -47,7 +47,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
 def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.Stopwatch) -> dict[str, Any]:
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     log.info("run dir: %s", run_dir)
-    loggers = build_loggers(cfg)
+    loggers = [tracking.start_wandb(lg) if type(lg).__name__ == "WandbLogger" else lg for lg in build_loggers(cfg)]
     run = build_run(cfg, loggers)
     save_tokenizer(run.tokenizer, run_dir)
     n_params = sum(p.numel() for p in run.backbone.parameters())
