@@ -28,7 +28,9 @@ class LanguageModelingTask(pl.LightningModule):
         scheduler: partial schedule, called with the optimizer and the total steps; or None.
         tokenizer: the run's tokenizer, used to decode samples; None turns samples off.
         chars_per_token: split -> characters per token, for bits per character.
-        num_samples: texts sampled at the end of each validation (0 turns it off).
+        num_samples: texts sampled at the end of validation (0 turns it off).
+        sample_every_n_validations: sample at every n-th validation and at the last one;
+            sampling without a KV cache costs about as much as a validation pass.
         sample_prompt: text the samples start from.
         sample_tokens: tokens per sample.
         sample_temperature, sample_top_k: sampling settings for the samples.
@@ -42,6 +44,7 @@ class LanguageModelingTask(pl.LightningModule):
         tokenizer: Tokenizer | None = None,
         chars_per_token: dict[str, float] | None = None,
         num_samples: int = 1,
+        sample_every_n_validations: int = 4,
         sample_prompt: str = "\n",
         sample_tokens: int = 200,
         sample_temperature: float = 0.8,
@@ -59,6 +62,8 @@ class LanguageModelingTask(pl.LightningModule):
         self.tokenizer = tokenizer
         self.chars_per_token = chars_per_token or {}
         self.num_samples = num_samples
+        self.sample_every_n_validations = max(1, sample_every_n_validations)
+        self._validations = 0
         self.sample_prompt = sample_prompt
         self.sample_tokens = sample_tokens
         self.sample_temperature = sample_temperature
@@ -102,7 +107,11 @@ class LanguageModelingTask(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         """Log loss, perplexity and bits per character; sample a few texts."""
         self._log_split("val", "validation", self.val_loss)
-        if not self.trainer.sanity_checking and self.tokenizer is not None and self.num_samples > 0:
+        if self.trainer.sanity_checking or self.tokenizer is None or self.num_samples == 0:
+            return
+        self._validations += 1
+        last = 0 < self.trainer.max_steps <= self.trainer.global_step
+        if last or self._validations % self.sample_every_n_validations == 0:
             self._sample()
 
     def on_test_epoch_end(self) -> None:
