@@ -16,6 +16,7 @@ IGNORED_WARNINGS = (
     r".*Checkpoint directory .* exists and is not empty.*",
     r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*",
     r".*Found .* module\(s\) in eval mode at the start of training.*",
+    r".*You requested to overfit but enabled train dataloader shuffling.*",
 )
 
 
