@@ -67,7 +67,11 @@ class StepProgressBar(RichProgressBar):
         return f"epoch {current_epoch}"
 
     def get_metrics(self, trainer, pl_module):
-        """Drop the logger's version number from the bar."""
+        """Drop the logger's version number; show the learning rate and throughput readably."""
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
+        if "train/lr" in metrics:  # too small for the bar's 3 decimals
+            metrics["train/lr"] = f"{float(metrics['train/lr']):.2e}"
+        if "train/tokens_per_s" in metrics:
+            metrics["train/tokens_per_s"] = f"{float(metrics['train/tokens_per_s']):,.0f}"
         return metrics

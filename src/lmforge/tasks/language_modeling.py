@@ -85,6 +85,7 @@ class LanguageModelingTask(pl.LightningModule):
         """One optimisation step's loss."""
         loss = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
