@@ -70,3 +70,21 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, cwd: Path | None
         text=True,
         timeout=timeout,
     )
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by :class:`CrashAtStep`."""
+
+
+class CrashAtStep:
+    """A Lightning callback that crashes a fresh run at one global step, as a kill would (resume tests)."""
+
+    def __new__(cls, step: int):
+        import pytorch_lightning as pl
+
+        class _Crash(pl.Callback):
+            def on_train_batch_end(self, trainer, *args):
+                if trainer.global_step == step and trainer.ckpt_path is None:  # not once resumed
+                    raise SimulatedCrash(f"crash at step {step}")
+
+        return _Crash()

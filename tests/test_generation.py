@@ -42,3 +42,22 @@ def test_generation_stops_at_eos():
     first = generate(model, prompt, 1, temperature=0)[0, -1].item()
     out = generate(model, prompt, 10, temperature=0, eos_token_id=first)
     assert out.shape[1] == 3
+
+
+def test_kv_cache_gives_the_same_tokens_and_logits_as_full_recompute():
+    torch.manual_seed(0)
+    model = GPT(vocab_size=40, n_layer=2, n_head=2, n_embd=16, n_positions=24).eval()
+    prompt = torch.randint(0, 40, (3, 5))
+    # 30 new tokens: cached up to 24 positions, then the sliding window without cache.
+    cached = generate(model, prompt, 30, temperature=0, use_cache=True)
+    plain = generate(model, prompt, 30, temperature=0, use_cache=False)
+    assert torch.equal(cached, plain)
+    # Step by step through the cache equals one pass over the whole sequence.
+    ids = torch.randint(0, 40, (2, 12))
+    cache = model.new_cache()
+    steps = [model(ids[:, :4], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(4, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), model(ids), atol=1e-5, rtol=1e-5)
+    # A chunk of several new tokens after a cached prefix uses the offset causal mask.
+    cache = model.new_cache()
+    chunked = torch.cat([model(ids[:, :5], cache=cache), model(ids[:, 5:], cache=cache)], dim=1)
+    torch.testing.assert_close(chunked, model(ids), atol=1e-5, rtol=1e-5)

@@ -3,7 +3,7 @@
 import json
 import time
 
-from lmforge.tracking import append_result, plot_curves, wandb_mode
+from lmforge.tracking import append_result, csv_history, keep_csv_history, plot_curves, wandb_mode
 
 
 def test_wandb_goes_offline_without_a_key(monkeypatch, tmp_path):
@@ -35,6 +35,14 @@ def test_results_table_appends_one_line_per_run(tmp_path):
 def test_curves_plot_reads_the_csv_logger_file(tmp_path):
     csv_file = tmp_path / "metrics.csv"
     csv_file.write_text("epoch,step,train/loss,val/loss\n0,9,3.0,\n0,9,,2.9\n0,19,2.5,\n0,19,,2.4\n")
-    png = plot_curves(csv_file, tmp_path / "curves.png")
+    png = plot_curves([csv_file], tmp_path / "curves.png")
     assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
-    assert plot_curves(tmp_path / "missing.csv", tmp_path / "x.png") is None
+    assert plot_curves([tmp_path / "missing.csv"], tmp_path / "x.png") is None
+
+
+def test_csv_history_keeps_the_metrics_of_every_resume(tmp_path):
+    (tmp_path / "metrics.csv").write_text("step,train/loss\n1,3.0\n")
+    keep_csv_history(tmp_path)
+    (tmp_path / "metrics.csv").write_text("step,train/loss\n2,2.5\n")
+    keep_csv_history(tmp_path)
+    assert [p.name for p in csv_history(tmp_path)] == ["metrics.part1.csv", "metrics.part2.csv", "metrics.csv"]

@@ -50,17 +50,19 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
 
 
-def build_run(cfg: DictConfig, loggers: list[Any] | None = None) -> Run:
+def build_run(cfg: DictConfig, loggers: list[Any] | None = None, tokenizer: Tokenizer | None = None) -> Run:
     """Build tokenizer, data, backbone, task and trainer from a composed config.
 
     Args:
         cfg: the composed ``train.yaml`` with ``paths.run_dir`` set.
         loggers: already built loggers (the CLI builds them first to report where they write);
             None builds them from the config.
+        tokenizer: a run's saved tokenizer (resume, evaluate); None builds one from the config.
     """
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     texts = instantiate(cfg.task.source).load(cfg.paths.data_dir)
-    tokenizer = instantiate(_without(cfg.tokenizer, "name"))(texts["train"])
+    if tokenizer is None:
+        tokenizer = instantiate(_without(cfg.tokenizer, "name"))(texts["train"])
     datamodule = instantiate(cfg.task.data, texts=texts, tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir)
     backbone = build_backbone(cfg.model, tokenizer.get_vocab_size())
     block_size = getattr(datamodule, "block_size", None)

@@ -16,6 +16,9 @@ IGNORED_WARNINGS = (
     r".*Checkpoint directory .* exists and is not empty.*",
     r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*",
     r".*Found .* module\(s\) in eval mode at the start of training.*",
+    r".*Experiment logs directory .* exists and is not empty.*",
+    # Our sampler continues a resumed epoch itself (data/datamodules.py), which Lightning cannot see.
+    r".*resuming from a checkpoint that ended before the epoch ended.*",
     r".*You requested to overfit but enabled train dataloader shuffling.*",
 )
 

@@ -37,6 +37,7 @@ def generate(
     top_p: float | None = None,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    use_cache: bool = True,
 ) -> torch.Tensor:
     """Continue each prompt token by token.
 
@@ -48,6 +49,9 @@ def generate(
         top_k, top_p: optional sampling filters.
         eos_token_id: stop a sequence once it produced this token (it keeps padding with it).
         generator: random generator for reproducible samples.
+        use_cache: reuse keys and values of earlier positions when the model has ``new_cache``.
+            Once the text outgrows ``n_positions`` the context slides and every step
+            recomputes the last ``n_positions`` tokens, exactly as without a cache.
     Returns:
         (B, T + max_new_tokens) ids, prompt included.
     """
@@ -55,9 +59,12 @@ def generate(
     model.eval()
     ids = input_ids
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    cache = model.new_cache() if use_cache and hasattr(model, "new_cache") else None
     for _ in range(max_new_tokens):
-        context = ids[:, -model.n_positions :]
-        logits = model(context)[:, -1, :].float()
+        if cache is not None and ids.shape[1] <= model.n_positions:
+            logits = model(ids[:, cache.length :], cache=cache)[:, -1, :].float()
+        else:
+            logits = model(ids[:, -model.n_positions :])[:, -1, :].float()
         if temperature == 0:
             next_id = logits.argmax(-1, keepdim=True)
         else:

@@ -204,18 +204,33 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def plot_curves(metrics_csv: str | Path, png: str | Path) -> Path | None:
-    """Plot training and validation loss against step from a CSV logger's metrics file."""
-    metrics_csv = Path(metrics_csv)
-    if not metrics_csv.is_file():
-        return None
+def keep_csv_history(csv_dir: str | Path) -> None:
+    """Before a resume, move ``metrics.csv`` aside (Lightning's CSV logger would delete it)."""
+    current = Path(csv_dir) / "metrics.csv"
+    if current.is_file():
+        part = len(list(current.parent.glob("metrics.part*.csv"))) + 1
+        current.rename(current.with_name(f"metrics.part{part}.csv"))
+
+
+def csv_history(csv_dir: str | Path) -> list[Path]:
+    """The CSV logger's metrics files of a run, oldest first (one per resume, then the current one)."""
+    csv_dir = Path(csv_dir)
+    parts = sorted(csv_dir.glob("metrics.part*.csv"), key=lambda p: int(p.stem.removeprefix("metrics.part")))
+    return [*parts, csv_dir / "metrics.csv"]
+
+
+def plot_curves(metrics_files: list[Path], png: str | Path) -> Path | None:
+    """Plot training and validation loss against step from a CSV logger's metrics files."""
     curves: dict[str, tuple[list[int], list[float]]] = {"train/loss": ([], []), "val/loss": ([], [])}
-    with open(metrics_csv, newline="") as f:
-        for row in csv.DictReader(f):
-            for key, (steps, values) in curves.items():
-                if row.get(key):
-                    steps.append(int(row["step"]))
-                    values.append(float(row[key]))
+    for metrics_csv in metrics_files:
+        if not Path(metrics_csv).is_file():
+            continue
+        with open(metrics_csv, newline="") as f:
+            for row in csv.DictReader(f):
+                for key, (steps, values) in curves.items():
+                    if row.get(key):
+                        steps.append(int(row["step"]))
+                        values.append(float(row[key]))
     if not any(steps for steps, _ in curves.values()):
         return None
     import matplotlib

@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lmforge import tracking
 from lmforge.compose import build_loggers, build_run
 from lmforge.console import log_to_file, setup_console
-from lmforge.data.tokenizers import save_tokenizer
+from lmforge.data.tokenizers import load_tokenizer, save_tokenizer
+from lmforge.errors import LmforgeError
 
 log = logging.getLogger("lmforge")
 
@@ -32,10 +33,14 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     """
     setup_console()
     stopwatch = tracking.Stopwatch()
-    run_id, run_dir = tracking.make_run_dir(cfg.paths.output_root, cfg.model.name, cfg.task.name)
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(run_dir)
-        cfg.run_id = run_id
+    if cfg.get("resume"):
+        cfg = resumed_config(cfg.resume, _command_line_overrides())
+        run_id, run_dir = cfg.run_id, Path(cfg.paths.run_dir)
+    else:
+        run_id, run_dir = tracking.make_run_dir(cfg.paths.output_root, cfg.model.name, cfg.task.name)
+        with open_dict(cfg):
+            cfg.paths.run_dir = str(run_dir)
+            cfg.run_id = run_id
     file_log = log_to_file(run_dir)
     try:
         return _train_in(cfg, run_id, run_dir, stopwatch)
@@ -44,11 +49,40 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         file_log.close()
 
 
+def _command_line_overrides() -> list[str]:
+    """``key=value`` overrides of the current Hydra job (empty outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def resumed_config(resume: str, overrides: list[str]) -> DictConfig:
+    """The saved config of the run dir ``resume``, with dotted overrides such as ``trainer.max_steps=4000``.
+
+    Group choices (``model=...``) cannot change on resume and are ignored.
+    """
+    run_dir = Path(resume).expanduser().resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise LmforgeError(f"Cannot resume {run_dir}: it is not a run directory (no config.yaml in it).")
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        raise LmforgeError(f"Cannot resume {run_dir}: it has no checkpoints/last.ckpt yet; start a new run instead.")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    dotted = [o.lstrip("+") for o in overrides if "=" in o and "." in o.split("=", 1)[0]]
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
+    cfg.resume = str(run_dir)
+    cfg.paths.run_dir = str(run_dir)
+    return cfg
+
+
 def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.Stopwatch) -> dict[str, Any]:
+    resuming = bool(cfg.get("resume"))
+    last_ckpt = run_dir / "checkpoints" / "last.ckpt"
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    log.info("run dir: %s", run_dir)
+    if resuming:
+        tracking.keep_csv_history(run_dir / "csv")
+    log.info("run dir: %s%s", run_dir, " (resuming from checkpoints/last.ckpt)" if resuming else "")
     loggers = [tracking.start_wandb(lg) if type(lg).__name__ == "WandbLogger" else lg for lg in build_loggers(cfg)]
-    run = build_run(cfg, loggers)
+    run = build_run(cfg, loggers, tokenizer=load_tokenizer(run_dir) if resuming else None)
     save_tokenizer(run.tokenizer, run_dir)
     n_params = sum(p.numel() for p in run.backbone.parameters())
     trainable = sum(p.numel() for p in run.task.parameters() if p.requires_grad)
@@ -73,7 +107,8 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         elif getattr(logger, "log_dir", None):
             log.info("tracking: %s -> %s", type(logger).__name__.replace("Logger", ""), logger.log_dir)
 
-    trainer.fit(run.task, datamodule=run.datamodule)
+    trainer.fit(run.task, datamodule=run.datamodule, ckpt_path=str(last_ckpt) if resuming else None, weights_only=True)
+    trainer.save_checkpoint(last_ckpt)  # the periodic last.ckpt may be older than the final step
     metrics = _float_metrics({k: v for k, v in trainer.callback_metrics.items() if not k.endswith("tokens_per_s")})
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
@@ -104,7 +139,7 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
     if trainer.is_global_zero:
         tracking.write_json(run_dir / "metrics.json", record)
         tracking.append_result(cfg.paths.results_file, record)
-        curves = tracking.plot_curves(run_dir / "csv" / "metrics.csv", run_dir / "curves.png")
+        curves = tracking.plot_curves(tracking.csv_history(run_dir / "csv"), run_dir / "curves.png")
         _summary(record, run, loggers, curves)
     return record
 

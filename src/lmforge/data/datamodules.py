@@ -10,7 +10,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lmforge.data.tokenizers import encode_text, tokenizer_fingerprint
 
@@ -41,6 +41,33 @@ class TokenWindows(Dataset):
         return window[:-1], window[1:]
 
 
+class ResumableShuffleSampler(Sampler[int]):
+    """A fresh permutation every epoch, drawn from ``(seed, epoch)`` alone, that can start part-way.
+
+    Because the order depends only on the seed and the epoch, a resumed run can skip the
+    batches it already trained on and see exactly the windows an uninterrupted run would.
+    """
+
+    def __init__(self, length: int, seed: int):
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every epoch."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.length, generator=generator)[self.skip :].tolist()
+        self.skip = 0  # only the first epoch after a resume starts part-way
+        return iter(order)
+
+    def __len__(self) -> int:
+        return self.length
+
+
 class LanguageModelingDataModule(pl.LightningDataModule):
     """Causal language modelling on one long token stream per split.
 
@@ -51,6 +78,7 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         batch_size: windows per batch.
         train_stride: distance between training window starts; None means
             ``block_size`` (non-overlapping), 1 means every offset.
+        seed: seed of the training order (a permutation per epoch).
         eval_seed: seed of the fixed order in which validation windows are read, so that
             ``limit_val_batches`` sees windows from the whole split.
         cache_dir: where token ids are cached, keyed by text and tokenizer.
@@ -64,6 +92,7 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         block_size: int = 256,
         batch_size: int = 32,
         train_stride: int | None = None,
+        seed: int = 0,
         eval_seed: int = 0,
         cache_dir: str | None = None,
         num_workers: int = 0,
@@ -73,6 +102,7 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         self.block_size = block_size
         self.batch_size = batch_size
         self.train_stride = train_stride or block_size
+        self.seed = seed
         self.eval_seed = eval_seed
         self.num_workers = num_workers
         fingerprint = tokenizer_fingerprint(tokenizer)
@@ -108,16 +138,29 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         windows = self._windows(split, self.block_size)
         order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(self.eval_seed)).tolist()
         subset = torch.utils.data.Subset(windows, order)
-        return DataLoader(subset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(
+            subset, batch_size=self.batch_size, num_workers=self.num_workers, generator=self._loader_generator()
+        )
+
+    def _loader_generator(self) -> torch.Generator:
+        # A loader without its own generator draws its worker seed from the global one, which would
+        # shift every later dropout mask depending on when loaders are created (resume, validation).
+        return torch.Generator().manual_seed(self.seed)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training windows."""
+        """Shuffled training windows; after a resume, the epoch continues where the checkpoint left it."""
+        windows = self._windows("train", self.train_stride)
+        sampler = ResumableShuffleSampler(len(windows), self.seed)
+        if self.trainer is not None:  # called after Lightning restored the loop counters
+            # "processed": a checkpoint written in on_train_batch_end has not counted that batch as completed yet.
+            sampler.skip = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed * self.batch_size
         return DataLoader(
-            self._windows("train", self.train_stride),
+            windows,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             drop_last=True,
             num_workers=self.num_workers,
+            generator=self._loader_generator(),
             persistent_workers=self.num_workers > 0,
         )
 

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from lmforge.models.layers import PreNormBlock
+from lmforge.models.layers import KVCache, PreNormBlock
 
 
 class GPT(nn.Module):
@@ -73,31 +73,42 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if exclude_positions else n
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache for :meth:`forward` (incremental decoding)."""
+        return KVCache(len(self.transformer.h))
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         """Run the blocks.
 
         Args:
-            input_ids: (B, T) token ids, T <= n_positions.
+            input_ids: (B, T) token ids; with a cache, only the tokens it has not seen.
             attention_mask: optional (B, T), 1 for real tokens, 0 for padding.
+            cache: keys and values of earlier positions, extended in place.
         Returns:
             (B, T, n_embd) final hidden states, after ``ln_f``.
         """
-        T = input_ids.shape[1]
-        if self.n_positions < T:
-            raise ValueError(f"sequence of {T} tokens is longer than n_positions={self.n_positions}")
-        pos = torch.arange(T, device=input_ids.device)
+        past = cache.length if cache is not None else 0
+        end = past + input_ids.shape[1]
+        if end > self.n_positions:
+            raise ValueError(f"sequence of {end} tokens is longer than n_positions={self.n_positions}")
+        pos = torch.arange(past, end, device=input_ids.device)
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x, attention_mask)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, attention_mask, cache.layers[i] if cache is not None else None)
         return self.transformer.ln_f(x)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         """Next-token logits.
 
         Args:
             input_ids: (B, T) token ids.
             attention_mask: optional (B, T), 1 for real tokens, 0 for padding.
+            cache: optional :class:`KVCache` from :meth:`new_cache`, for incremental decoding.
         Returns:
             (B, T, vocab_size) logits.
         """
-        return self.lm_head(self.hidden_states(input_ids, attention_mask))
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, cache))

@@ -32,12 +32,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         """Attend over the sequence.
 
         Args:
-            x: (B, T, C) hidden states.
-            attention_mask: optional (B, T), 1 for real tokens and 0 for padding.
+            x: (B, T, C) hidden states of the new tokens.
+            attention_mask: optional (B, T), 1 for real tokens and 0 for padding (not with a cache).
+            cache: keys and values of earlier tokens; the new ones are appended to it.
         Returns:
             (B, T, C) hidden states.
         """
@@ -45,15 +48,57 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, heads, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(k, v)  # (B, heads, past + T, head_dim)
         dropout = self.dropout if self.training else 0.0
-        if attention_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        else:
+        if attention_mask is not None:
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             mask = causal & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        elif past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            # New token i sees every cached token and the new tokens up to itself.
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+class LayerCache:
+    """Keys and values of the tokens one attention layer has already seen (for fast decoding)."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Number of cached positions."""
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add (B, heads, T, head_dim) keys and values; return all cached ones."""
+        if self.keys is None:
+            self.keys, self.values = k, v
+        else:
+            self.keys = torch.cat([self.keys, k], dim=2)
+            self.values = torch.cat([self.values, v], dim=2)
+        return self.keys, self.values
+
+
+class KVCache:
+    """One :class:`LayerCache` per Transformer block."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.layers = [LayerCache() for _ in range(n_layers)]
+
+    @property
+    def length(self) -> int:
+        """Number of cached positions."""
+        return self.layers[0].length
 
 
 class MLP(nn.Module):
@@ -82,7 +127,9 @@ class PreNormBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout, bias)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         """Map (B, T, C) hidden states to (B, T, C)."""
-        x = x + self.attn(self.ln_1(x), attention_mask)
+        x = x + self.attn(self.ln_1(x), attention_mask, cache)
         return x + self.mlp(self.ln_2(x))

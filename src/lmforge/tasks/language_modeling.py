@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric
 from lmforge.errors import LmforgeError
 from lmforge.generation import generate
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory, configure_optimization
+from lmforge.tasks.rng import capture_rng_state, restore_rng_state
 
 sample_log = logging.getLogger("lmforge.samples")
 
@@ -141,6 +142,15 @@ class LanguageModelingTask(pl.LightningModule):
                     logger.log_text(
                         key="samples", columns=["step", "text"], data=[[self.global_step, t] for t in texts]
                     )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the random generators so that a resumed run draws the same numbers."""
+        checkpoint["rng_state"] = capture_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the random generators saved with the checkpoint."""
+        if "rng_state" in checkpoint:
+            restore_rng_state(checkpoint["rng_state"])
 
     def configure_optimizers(self):
         """Optimizer with weight decay on matrices only, and a per-step schedule."""

@@ -1,0 +1,67 @@
+"""A stopped or killed run continues where it stopped."""
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, SimulatedCrash, run_cli
+from lmforge.errors import LmforgeError
+from lmforge.training import run_training
+
+SPLIT = [*TINY, "trainer.max_steps=8", "trainer.val_check_interval=4", "model.dropout=0.1"]
+
+
+def test_crash_then_resume_ends_where_an_uninterrupted_run_ends(cfg_factory):
+    straight = run_training(cfg_factory(SPLIT))
+    crashing = cfg_factory([*SPLIT, "callbacks.last_checkpoint.every_n_train_steps=2",
+                            "+callbacks.crash._target_=conftest.CrashAtStep", "+callbacks.crash.step=5"])  # fmt: skip
+    with pytest.raises(SimulatedCrash):
+        run_training(crashing)
+    run_dir = crashing.paths.run_dir
+    assert torch.load(Path(run_dir) / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+    resumed = run_training(cfg_factory([f"resume={run_dir}"]))
+    assert resumed["run_dir"] == run_dir and resumed["steps"] == 8
+    for key in ("train/loss", "val/loss"):
+        assert resumed["metrics"][key] == pytest.approx(straight["metrics"][key], abs=1e-5), key
+    # The final checkpoint loads with weights_only=True and holds the generator states.
+    ckpt = torch.load(Path(run_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 8 and "rng_state" in ckpt
+    assert (Path(run_dir) / "csv" / "metrics.part1.csv").is_file()  # the first part's metrics are kept
+
+
+def test_resume_of_something_that_is_not_a_run_dir_is_one_sentence(cfg_factory, tmp_path):
+    with pytest.raises(LmforgeError, match="not a run directory"):
+        run_training(cfg_factory([f"resume={tmp_path}"]))
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_end_with_one_results_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    args = ["experiment=shakespeare-char", "logger=none", "trainer.max_steps=120", "trainer.val_check_interval=60",
+            "trainer.limit_val_batches=2", "callbacks.last_checkpoint.every_n_train_steps=10",
+            f"paths.output_root={tmp_path}"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("runs/*/*/checkpoints/last.ckpt")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    run_dir = next(tmp_path.glob("runs/*/*"))
+    assert not (tmp_path / "results.jsonl").exists()
+
+    result = run_cli([f"resume={run_dir}", f"paths.output_root={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["steps"] == 120
+    assert json.loads(lines[0])["run_dir"] == str(run_dir)
