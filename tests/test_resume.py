@@ -37,6 +37,11 @@ def test_crash_then_resume_ends_where_an_uninterrupted_run_ends(cfg_factory):
 def test_resume_of_something_that_is_not_a_run_dir_is_one_sentence(cfg_factory, tmp_path):
     with pytest.raises(LmforgeError, match="not a run directory"):
         run_training(cfg_factory([f"resume={tmp_path}"]))
+    (tmp_path / "config.yaml").write_text("seed: 1\n")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"\x00" * 100)  # a save cut short
+    with pytest.raises(LmforgeError, match="cannot be read"):
+        run_training(cfg_factory([f"resume={tmp_path}"]))
 
 
 @pytest.mark.slow

@@ -79,5 +79,35 @@ def train() -> None:
     _hydra_entry(run, "train")
 
 
+def generate() -> None:
+    """Sample text from a run's model: ``lmforge-generate run=<run dir> prompt="ROMEO:" max_new_tokens=200``.
+
+    Options (``key=value``): checkpoint=best|last|<path>, num_samples, temperature, top_k,
+    top_p, greedy=true, seed, use_cache, device; see conf/generate.yaml.
+    """
+
+    def run(cfg):
+        from lmforge.inference import generate_from_run
+
+        generate_from_run(cfg)
+
+    _hydra_entry(run, "generate")
+
+
+def evaluate() -> None:
+    """Score a run's checkpoint and write ``<run dir>/eval-<split>.json``: ``lmforge-evaluate run=<run dir>``.
+
+    Options (``key=value``): split=test|validation, task=<another task>, checkpoint=best|last|<path>,
+    limit_batches; see conf/evaluate.yaml.
+    """
+
+    def run(cfg):
+        from lmforge.inference import evaluate_run
+
+        evaluate_run(cfg)
+
+    _hydra_entry(run, "evaluate")
+
+
 if __name__ == "__main__":
     train()

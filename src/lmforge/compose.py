@@ -50,21 +50,27 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
 
 
-def build_run(cfg: DictConfig, loggers: list[Any] | None = None, tokenizer: Tokenizer | None = None) -> Run:
-    """Build tokenizer, data, backbone, task and trainer from a composed config.
+def build_data(
+    cfg: DictConfig, tokenizer: Tokenizer | None = None, required: tuple[str, ...] = ("train", "validation")
+) -> tuple[Tokenizer, pl.LightningDataModule]:
+    """Read the task's text, build (or take) the tokenizer and the DataModule.
 
     Args:
-        cfg: the composed ``train.yaml`` with ``paths.run_dir`` set.
-        loggers: already built loggers (the CLI builds them first to report where they write);
-            None builds them from the config.
-        tokenizer: a run's saved tokenizer (resume, evaluate); None builds one from the config.
+        cfg: a composed or saved run config.
+        tokenizer: a run's saved tokenizer; None builds one from the config and the training text.
+        required: splits that must exist.
     """
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    texts = instantiate(cfg.task.source).load(cfg.paths.data_dir)
+    texts = instantiate(cfg.task.source).load(cfg.paths.data_dir, required=required)
     if tokenizer is None:
         tokenizer = instantiate(_without(cfg.tokenizer, "name"))(texts["train"])
     datamodule = instantiate(cfg.task.data, texts=texts, tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir)
-    backbone = build_backbone(cfg.model, tokenizer.get_vocab_size())
+    return tokenizer, datamodule
+
+
+def build_task(
+    cfg: DictConfig, backbone: nn.Module, tokenizer: Tokenizer, datamodule: pl.LightningDataModule, **overrides: Any
+) -> pl.LightningModule:
+    """Instantiate the task's LightningModule around a built backbone, with the optimizer and schedule partials."""
     block_size = getattr(datamodule, "block_size", None)
     n_positions = getattr(backbone, "n_positions", None)
     if block_size and n_positions and block_size > n_positions:
@@ -72,15 +78,30 @@ def build_run(cfg: DictConfig, loggers: list[Any] | None = None, tokenizer: Toke
             f"task.data.block_size={block_size} is longer than the model's n_positions={n_positions}; "
             f"lower task.data.block_size or raise model.n_positions."
         )
-    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    task = instantiate(
+    return instantiate(
         cfg.task.module,
         backbone=backbone,
         optimizer=instantiate(cfg.optimizer),
-        scheduler=scheduler,
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         tokenizer=tokenizer,
         chars_per_token=getattr(datamodule, "chars_per_token", None),
+        **overrides,
     )
+
+
+def build_run(cfg: DictConfig, loggers: list[Any] | None = None, tokenizer: Tokenizer | None = None) -> Run:
+    """Build tokenizer, data, backbone, task and trainer from a composed config.
+
+    Args:
+        cfg: the composed ``train.yaml`` with ``paths.run_dir`` set.
+        loggers: already built loggers (the CLI builds them first to report where they write);
+            None builds them from the config.
+        tokenizer: a run's saved tokenizer (resume); None builds one from the config.
+    """
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    tokenizer, datamodule = build_data(cfg, tokenizer)
+    backbone = build_backbone(cfg.model, tokenizer.get_vocab_size())
+    task = build_task(cfg, backbone, tokenizer, datamodule)
     callbacks = build_callbacks(cfg)
     trainer = instantiate(
         cfg.trainer, logger=loggers if loggers is not None else build_loggers(cfg), callbacks=callbacks

@@ -13,6 +13,7 @@ from lmforge.compose import build_loggers, build_run
 from lmforge.console import log_to_file, setup_console
 from lmforge.data.tokenizers import load_tokenizer, save_tokenizer
 from lmforge.errors import LmforgeError
+from lmforge.runs import load_checkpoint
 
 log = logging.getLogger("lmforge")
 
@@ -66,6 +67,7 @@ def resumed_config(resume: str, overrides: list[str]) -> DictConfig:
         raise LmforgeError(f"Cannot resume {run_dir}: it is not a run directory (no config.yaml in it).")
     if not (run_dir / "checkpoints" / "last.ckpt").is_file():
         raise LmforgeError(f"Cannot resume {run_dir}: it has no checkpoints/last.ckpt yet; start a new run instead.")
+    load_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # a damaged file fails here, in one sentence
     cfg = OmegaConf.load(run_dir / "config.yaml")
     dotted = [o.lstrip("+") for o in overrides if "=" in o and "." in o.split("=", 1)[0]]
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))

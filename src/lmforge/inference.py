@@ -1,0 +1,113 @@
+"""What ``lmforge-generate`` and ``lmforge-evaluate`` do with a run directory."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lmforge import tracking
+from lmforge.compose import build_data, build_task
+from lmforge.console import setup_console
+from lmforge.data.tokenizers import EOS
+from lmforge.errors import LmforgeError
+from lmforge.generation import generate
+from lmforge.runs import load_run
+
+log = logging.getLogger("lmforge")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def generate_from_run(cfg: DictConfig) -> list[str]:
+    """Continue ``cfg.prompt`` with a run's model; print and return ``cfg.num_samples`` texts."""
+    setup_console()
+    if OmegaConf.is_missing(cfg, "run"):
+        raise LmforgeError('Say which run to use: lmforge-generate run=<run dir> prompt="ROMEO:"')
+    run = load_run(cfg.run, cfg.checkpoint)
+    if getattr(run.backbone, "kind", None) != "decoder":
+        raise LmforgeError(
+            f"The model of {run.run_dir} ({run.cfg.model.name}) is not a decoder; it cannot generate text."
+        )
+    device = _device(cfg.device)
+    model = run.backbone.to(device)
+    prompt = run.tokenizer.encode(cfg.prompt, add_special_tokens=False).ids
+    if not prompt:
+        raise LmforgeError("The prompt is empty after tokenization; give some text, e.g. prompt='\\n'.")
+    input_ids = torch.tensor([prompt] * cfg.num_samples, device=device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    out = generate(
+        model,
+        input_ids,
+        cfg.max_new_tokens,
+        temperature=0.0 if cfg.greedy else cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        eos_token_id=run.tokenizer.token_to_id(EOS),
+        generator=generator,
+        use_cache=cfg.use_cache,
+    )
+    texts = [run.tokenizer.decode(row.tolist()) for row in out]
+    for i, text in enumerate(texts):
+        if i:
+            print("-" * 40)
+        print(text)
+    return texts
+
+
+def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
+    """Score a run's checkpoint on a split of its task (or of ``task=``) and write ``eval-<split>.json``."""
+    setup_console()
+    if OmegaConf.is_missing(cfg, "run"):
+        raise LmforgeError("Say which run to evaluate: lmforge-evaluate run=<run dir> [split=test]")
+    run = load_run(cfg.run, cfg.checkpoint)
+    saved = run.cfg
+    with open_dict(saved):
+        if cfg.get("task"):
+            saved.task = cfg.task
+        if cfg.data_dir:
+            saved.paths.data_dir = cfg.data_dir
+    _, datamodule = build_data(saved, run.tokenizer, required=(cfg.split,) if cfg.split else ())
+    split = cfg.split or ("test" if "test" in datamodule.ids else "validation")
+    if split not in ("test", "validation"):
+        raise LmforgeError(f"split={split} is not one lmforge-evaluate scores; use split=test or split=validation.")
+    task = build_task(saved, run.backbone, run.tokenizer, datamodule, num_samples=0)
+    limit = cfg.limit_batches if cfg.limit_batches is not None else 1.0
+    trainer = pl.Trainer(
+        accelerator="gpu" if _device(cfg.device).type == "cuda" else "cpu",
+        devices=1,
+        precision=cfg.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_test_batches=limit,
+        limit_val_batches=limit,
+    )
+    runner = trainer.test if split == "test" else trainer.validate
+    metrics = {k: round(float(v), 6) for k, v in runner(task, datamodule=datamodule, verbose=False)[0].items()}
+    record = {
+        "run_dir": str(run.run_dir),
+        "checkpoint": str(run.checkpoint),
+        "task": saved.task.name,
+        "split": split,
+        "metrics": metrics,
+    }
+    suffix = f"-{saved.task.name}" if saved.task.name != OmegaConf.load(run.run_dir / "config.yaml").task.name else ""
+    out = run.run_dir / f"eval-{split}{suffix}.json"
+    tracking.write_json(out, record)
+    log.info(
+        "%s on %s (%s): %s",
+        saved.task.name,
+        split,
+        run.checkpoint.name,
+        ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
+    )
+    log.info("written: %s", out)
+    return record

@@ -1,0 +1,91 @@
+"""Reopen a finished (or killed) run directory: its config, tokenizer and checkpoint weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tokenizers import Tokenizer
+from torch import nn
+
+from lmforge.compose import build_backbone
+from lmforge.data.tokenizers import load_tokenizer
+from lmforge.errors import LmforgeError
+
+# Prefixes that wrappers add to parameter names: the task's attribute, torch.compile, DDP.
+_PREFIXES = ("backbone.", "_orig_mod.", "module.")
+
+
+@dataclass
+class SavedRun:
+    """A run directory opened for generation, evaluation or export."""
+
+    run_dir: Path
+    cfg: DictConfig
+    tokenizer: Tokenizer
+    backbone: nn.Module
+    checkpoint: Path
+
+
+def find_checkpoint(run_dir: Path, which: str = "best") -> Path:
+    """``best`` (by validation loss, else last), ``last``, or a path to a ``.ckpt`` file."""
+    ckpt_dir = run_dir / "checkpoints"
+    if which == "last":
+        path = ckpt_dir / "last.ckpt"
+    elif which == "best":
+        metrics = run_dir / "metrics.json"
+        recorded = json.loads(metrics.read_text()).get("best_checkpoint") if metrics.is_file() else None
+        candidates = [Path(recorded)] if recorded else sorted(ckpt_dir.glob("step*.ckpt"))
+        path = next((p for p in candidates if p.is_file()), ckpt_dir / "last.ckpt")
+    else:
+        path = Path(which).expanduser()
+    if not path.is_file():
+        raise LmforgeError(
+            f"No checkpoint at {path}; the run in {run_dir} has not saved one (checkpoint=best|last|<path>)."
+        )
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; a damaged file is one clear error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        raise LmforgeError(
+            f"Checkpoint {path} cannot be read ({type(err).__name__}); it is corrupt or not an lmforge checkpoint."
+        ) from err
+
+
+def backbone_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The backbone's weights from a Lightning checkpoint, wrapper prefixes removed."""
+    state = {}
+    for name, tensor in checkpoint.get("state_dict", checkpoint).items():
+        if not name.startswith("backbone."):
+            continue
+        while name.startswith(_PREFIXES):
+            name = name.split(".", 1)[1]
+        state[name] = tensor
+    return state
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best") -> SavedRun:
+    """Open a run dir: its saved config and tokenizer, and the backbone with the chosen checkpoint's weights."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise LmforgeError(f"{run_dir} is not a run directory (no config.yaml in it).")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    tokenizer = load_tokenizer(run_dir)
+    path = find_checkpoint(run_dir, checkpoint)
+    backbone = build_backbone(cfg.model, tokenizer.get_vocab_size())
+    state = backbone_state_dict(load_checkpoint(path))
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise LmforgeError(
+            f"Checkpoint {path} does not fit the run's model {cfg.model.name} (missing {len(missing)}, unexpected {len(unexpected)} tensors)."
+        )
+    backbone.eval()
+    return SavedRun(run_dir, cfg, tokenizer, backbone, path)
