@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from conftest import TINY, make_cfg
+from conftest import TINY, make_cfg, run_cli
 from lmforge.cli import CONF_DIR
 from lmforge.data.sources import TextCorpus
 from lmforge.data.tokenizers import char_tokenizer, encode_text, load_tokenizer
@@ -132,8 +132,24 @@ def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
     instantiate(cfg.scheduler)
 
 
-@pytest.mark.parametrize("trainer", ["default", "cpu", "gpu", "ddp"])
+@pytest.mark.parametrize("trainer", ["default", "cpu", "gpu", "ddp", "fsdp"])
 @pytest.mark.parametrize("logger", ["default", "wandb", "csv", "tensorboard", "all", "none"])
 def test_config_groups_compose(trainer, logger, tmp_path):
     cfg = make_cfg([f"trainer={trainer}", f"logger={logger}"], tmp_path)
     assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_makes_one_run(tmp_path):
+    result = run_cli(["experiment=shakespeare-char", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                      "trainer.max_steps=10", "trainer.val_check_interval=10", "trainer.limit_val_batches=4",
+                      "task.module.num_samples=0", f"paths.output_root={tmp_path}"], timeout=240)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dirs = list(tmp_path.glob("runs/*/*"))
+    assert len(run_dirs) == 1
+    assert len(list((run_dirs[0] / "wandb").glob("offline-run-*"))) == 1
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["steps"] == 10 and math.isfinite(record["metrics"]["val/loss"])
+    assert result.stdout.count("run dir:") == 2  # start and end lines, from rank 0 only

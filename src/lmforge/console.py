@@ -38,8 +38,12 @@ class _ConsoleFormatter(logging.Formatter):
         return message if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {message}"
 
 
-def setup_console() -> None:
-    """Send lmforge's INFO lines to a rich console handler and silence library chatter."""
+def setup_console(quiet: bool = False) -> None:
+    """Send lmforge's INFO lines to the console and silence library chatter.
+
+    Args:
+        quiet: warnings and errors only (DDP workers other than rank 0).
+    """
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     root = logging.getLogger()
@@ -56,7 +60,7 @@ def setup_console() -> None:
         handler.addFilter(_NotSamples())
         handler._lmforge = True
         root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in IGNORED_WARNINGS:

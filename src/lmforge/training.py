@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +33,39 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         the record appended to the results table: run id and dir, metadata, metrics.
     """
-    setup_console()
+    setup_console(quiet=not _is_launcher_rank())
     stopwatch = tracking.Stopwatch()
     if cfg.get("resume"):
         cfg = resumed_config(cfg.resume, _command_line_overrides())
         run_id, run_dir = cfg.run_id, Path(cfg.paths.run_dir)
+    elif not _is_launcher_rank() and os.environ.get(_RUN_DIR_VAR):
+        # A DDP worker started by Lightning: join the run dir that rank 0 made.
+        run_id, run_dir = os.environ[_RUN_ID_VAR], Path(os.environ[_RUN_DIR_VAR])
     else:
         run_id, run_dir = tracking.make_run_dir(cfg.paths.output_root, cfg.model.name, cfg.task.name)
-        with open_dict(cfg):
-            cfg.paths.run_dir = str(run_dir)
-            cfg.run_id = run_id
-    file_log = log_to_file(run_dir)
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(run_dir)
+        cfg.run_id = run_id
+    # Lightning starts the other DDP ranks as copies of this command; they inherit these.
+    os.environ[_RUN_DIR_VAR], os.environ[_RUN_ID_VAR] = str(run_dir), run_id
+    file_log = log_to_file(run_dir) if _is_launcher_rank() else None
     try:
         return _train_in(cfg, run_id, run_dir, stopwatch)
     finally:
-        logging.getLogger().removeHandler(file_log)
-        file_log.close()
+        if file_log is not None:
+            logging.getLogger().removeHandler(file_log)
+            file_log.close()
+        if _is_launcher_rank():
+            os.environ.pop(_RUN_DIR_VAR, None)
+            os.environ.pop(_RUN_ID_VAR, None)
+
+
+_RUN_DIR_VAR, _RUN_ID_VAR = "LMFORGE_RUN_DIR", "LMFORGE_RUN_ID"
+
+
+def _is_launcher_rank() -> bool:
+    """True in the process a user started (rank 0); False in DDP workers Lightning started."""
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
 def _command_line_overrides() -> list[str]:
@@ -79,13 +97,17 @@ def resumed_config(resume: str, overrides: list[str]) -> DictConfig:
 def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.Stopwatch) -> dict[str, Any]:
     resuming = bool(cfg.get("resume"))
     last_ckpt = run_dir / "checkpoints" / "last.ckpt"
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    if resuming:
-        tracking.keep_csv_history(run_dir / "csv")
+    if _is_launcher_rank():
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        if resuming:
+            tracking.keep_csv_history(run_dir / "csv")
     log.info("run dir: %s%s", run_dir, " (resuming from checkpoints/last.ckpt)" if resuming else "")
-    loggers = [tracking.start_wandb(lg) if type(lg).__name__ == "WandbLogger" else lg for lg in build_loggers(cfg)]
+    loggers = build_loggers(cfg)
+    if _is_launcher_rank():
+        loggers = [tracking.start_wandb(lg) if type(lg).__name__ == "WandbLogger" else lg for lg in loggers]
     run = build_run(cfg, loggers, tokenizer=load_tokenizer(run_dir) if resuming else None)
-    save_tokenizer(run.tokenizer, run_dir)
+    if _is_launcher_rank():
+        save_tokenizer(run.tokenizer, run_dir)
     n_params = sum(p.numel() for p in run.backbone.parameters())
     trainable = sum(p.numel() for p in run.task.parameters() if p.requires_grad)
     sizes = ", ".join(f"{k} {v:,}" for k, v in run.datamodule.split_sizes.items())
@@ -102,7 +124,7 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
 
     hparams = OmegaConf.to_container(cfg, resolve=True)
     hparams.pop("hydra", None)
-    for logger in loggers:
+    for logger in loggers if _is_launcher_rank() else []:
         logger.log_hyperparams(hparams)
         if type(logger).__name__ == "WandbLogger":
             log.info("tracking: %s", tracking.describe_wandb(logger))

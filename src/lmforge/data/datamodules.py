@@ -153,7 +153,8 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         sampler = ResumableShuffleSampler(len(windows), self.seed)
         if self.trainer is not None:  # called after Lightning restored the loop counters
             # "processed": a checkpoint written in on_train_batch_end has not counted that batch as completed yet.
-            sampler.skip = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed * self.batch_size
+            progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+            sampler.skip = progress.processed * self.batch_size * self.trainer.world_size
         return DataLoader(
             windows,
             batch_size=self.batch_size,
