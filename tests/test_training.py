@@ -153,3 +153,12 @@ def test_ddp_on_two_cpu_processes_makes_one_run(tmp_path):
     record = json.loads(lines[0])
     assert record["steps"] == 10 and math.isfinite(record["metrics"]["val/loss"])
     assert result.stdout.count("run dir:") == 2  # start and end lines, from rank 0 only
+
+
+@pytest.mark.slow
+def test_compile_runs_and_keeps_checkpoint_names(cfg_factory):
+    import torch
+
+    record = run_training(cfg_factory([*TINY, "compile=true", "trainer.max_steps=2", "trainer.val_check_interval=2"]))
+    state = torch.load(Path(record["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert "backbone.transformer.wte.weight" in state and not any("_orig_mod" in k for k in state)

@@ -101,6 +101,8 @@ def build_run(cfg: DictConfig, loggers: list[Any] | None = None, tokenizer: Toke
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer, datamodule = build_data(cfg, tokenizer)
     backbone = build_backbone(cfg.model, tokenizer.get_vocab_size())
+    if cfg.get("compile"):
+        backbone.compile()  # in place: parameter names (and checkpoints) stay the same
     task = build_task(cfg, backbone, tokenizer, datamodule)
     callbacks = build_callbacks(cfg)
     trainer = instantiate(
