@@ -7,11 +7,14 @@ import time
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar
 
+from lmforge.tracking import process_age_seconds
+
 
 class TokenThroughput(pl.Callback):
     """Log training tokens per second (input tokens of every batch, all ranks) to the progress bar.
 
-    It also keeps the totals, which the run summary and the results table report.
+    It also keeps the totals and the start-up time (command to first training step), which the
+    run summary and the results table report.
     """
 
     def __init__(self, log_every_n_steps: int = 10):
@@ -21,10 +24,13 @@ class TokenThroughput(pl.Callback):
         self._window_tokens = 0
         self._window_start: float | None = None
         self._batch_start: float | None = None
+        self.startup_seconds: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         """Start the batch clock."""
         self._batch_start = time.perf_counter()
+        if self.startup_seconds is None:
+            self.startup_seconds = process_age_seconds()
         if self._window_start is None:
             self._window_start = self._batch_start
 

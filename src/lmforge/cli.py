@@ -72,11 +72,28 @@ def train() -> None:
     """
 
     def run(cfg):
+        if "wandb" in (cfg.get("logger") or {}):
+            _prestart_wandb()
         from lmforge.training import run_training  # heavy imports only after the config is known to be valid
 
         return run_training(cfg)
 
     _hydra_entry(run, "train")
+
+
+def _prestart_wandb() -> None:
+    """Start W&B's background service while Lightning imports (it mostly waits on a subprocess)."""
+    import threading
+
+    def setup() -> None:
+        try:
+            import wandb
+
+            wandb.setup()
+        except Exception:  # the run itself reports W&B problems; this is only a head start
+            pass
+
+    threading.Thread(target=setup, daemon=True).start()
 
 
 def generate() -> None:

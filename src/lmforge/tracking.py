@@ -107,22 +107,19 @@ def wandb_logger(
     return logger
 
 
-def start_wandb(logger, fallback_mode: str = "offline"):
-    """Start the W&B run now; if an online start fails (no network, bad key), go on offline.
+def start_wandb(logger) -> None:
+    """Start the W&B run now; if an online start fails (no network, bad key), switch it to offline.
 
-    Returns:
-        the logger to use (the same one, or an offline replacement).
+    Safe to call from a worker thread, so that W&B starts while the data and model are built.
     """
     try:
         logger.experiment  # noqa: B018 -- starting the run is the point
-        return logger
     except Exception as err:  # wandb raises several unrelated types for network and auth failures
         log.warning("W&B could not start online (%s); logging offline instead.", str(err).splitlines()[0][:200])
-        init = logger._wandb_init
-        return wandb_logger(
-            save_dir=init["dir"], run_id=f"{init['id']}-offline", name=init["name"], project=init["project"],
-            entity=init.get("entity"), mode=fallback_mode, tags=init.get("tags"),
-        )  # fmt: skip
+        # A fresh id: the failed online attempt may still hold the first one.
+        logger._wandb_init.update(mode="offline", id=f"{logger._wandb_init['id']}-offline")
+        logger._experiment = None
+        logger.experiment  # noqa: B018
 
 
 def describe_wandb(logger) -> str:
@@ -250,6 +247,16 @@ def plot_curves(metrics_files: list[Path], png: str | Path) -> Path | None:
     fig.savefig(png, dpi=120)
     plt.close(fig)
     return Path(png)
+
+
+def process_age_seconds() -> float | None:
+    """Seconds since this process started (Linux; None elsewhere), to measure start-up time."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class Stopwatch:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +104,17 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
             tracking.keep_csv_history(run_dir / "csv")
     log.info("run dir: %s%s", run_dir, " (resuming from checkpoints/last.ckpt)" if resuming else "")
     loggers = build_loggers(cfg)
-    if _is_launcher_rank():
-        loggers = [tracking.start_wandb(lg) if type(lg).__name__ == "WandbLogger" else lg for lg in loggers]
+    # W&B takes a few seconds to start: let it do so while the data and the model are built.
+    starting = [
+        threading.Thread(target=tracking.start_wandb, args=(lg,), daemon=True)
+        for lg in loggers
+        if type(lg).__name__ == "WandbLogger" and _is_launcher_rank()
+    ]
+    for thread in starting:
+        thread.start()
     run = build_run(cfg, loggers, tokenizer=load_tokenizer(run_dir) if resuming else None)
+    for thread in starting:
+        thread.join()
     if _is_launcher_rank():
         save_tokenizer(run.tokenizer, run_dir)
     n_params = sum(p.numel() for p in run.backbone.parameters())
@@ -157,6 +166,9 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         "metrics": metrics,
         "wall_time_s": round(wall, 2),
         "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
+        "startup_s": round(run.throughput.startup_seconds, 2)
+        if run.throughput and run.throughput.startup_seconds
+        else None,
         "best_checkpoint": best or None,
         **tracking.run_metadata(cfg.seed),
     }

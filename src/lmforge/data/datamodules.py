@@ -115,7 +115,7 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         path = None
         if cache_dir:
             key = hashlib.sha256(fingerprint.encode() + b"\0" + text.encode()).hexdigest()[:32]
-            path = Path(cache_dir) / "tokens" / f"{key}.npy"
+            path = Path(cache_dir).expanduser() / "tokens" / f"{key}.npy"
             if path.is_file():
                 return np.load(path)
         ids = np.asarray(encode_text(self.tokenizer, text), dtype=dtype)
