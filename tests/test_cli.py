@@ -45,3 +45,11 @@ def test_cli_config_typo_is_reported_without_traceback(tmp_path):
     result = run_cli(["trainer.max_stpes=5", f"paths.output_root={tmp_path}"])
     assert result.returncode == 1
     assert "max_stpes" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_submitit_local_launcher_runs_a_sweep_as_jobs(tmp_path):
+    result = run_cli(["-m", "hydra/launcher=local", "debug=fast", "logger=none", "optimizer.lr=1e-3,3e-4",
+                      f"paths.output_root={tmp_path}"], timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list(tmp_path.glob("runs/*/*"))) == 2
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2

@@ -162,3 +162,23 @@ def test_compile_runs_and_keeps_checkpoint_names(cfg_factory):
     record = run_training(cfg_factory([*TINY, "compile=true", "trainer.max_steps=2", "trainer.val_check_interval=2"]))
     state = torch.load(Path(record["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert "backbone.transformer.wte.weight" in state and not any("_orig_mod" in k for k in state)
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_one_run_dir(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    args = ["experiment=shakespeare-char", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+            "trainer.max_steps=6", "trainer.val_check_interval=6", "trainer.limit_val_batches=2", "logger=none",
+            "task.module.num_samples=0", f"paths.output_root={tmp_path}"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "runs").iterdir()][0].startswith("torchrun-")
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1

@@ -25,13 +25,20 @@ log = logging.getLogger(__name__)
 PACKAGES = ("torch", "pytorch-lightning", "hydra-core", "wandb", "torchmetrics", "datasets", "tokenizers", "lmforge")
 
 
-def make_run_dir(output_root: str | Path, model: str, task: str) -> tuple[str, Path]:
+def make_run_dir(output_root: str | Path, model: str, task: str, shared_name: str | None = None) -> tuple[str, Path]:
     """Create a new, unique run directory ``<root>/runs/<date>/<time>-<model>-<task>-<random>``.
 
+    Args:
+        shared_name: set when every rank of a job calls this (torchrun, SLURM): the run dir is
+            then ``<root>/runs/<shared_name>-<model>-<task>``, the same for all of them.
     Returns:
         (run id, run directory). The random suffix keeps two runs started in the
         same second apart.
     """
+    if shared_name:
+        run_dir = Path(output_root).resolve() / "runs" / f"{shared_name}-{model}-{task}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return shared_name, run_dir
     now = datetime.now()
     while True:
         run_id = f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"

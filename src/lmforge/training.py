@@ -14,6 +14,7 @@ from lmforge import tracking
 from lmforge.compose import build_loggers, build_run
 from lmforge.console import log_to_file, setup_console
 from lmforge.data.tokenizers import load_tokenizer, save_tokenizer
+from lmforge.distributed import RUN_DIR_VAR, RUN_ID_VAR, is_rank_zero, shared_run_name
 from lmforge.errors import LmforgeError
 from lmforge.runs import load_checkpoint
 
@@ -34,39 +35,33 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         the record appended to the results table: run id and dir, metadata, metrics.
     """
-    setup_console(quiet=not _is_launcher_rank())
+    setup_console(quiet=not is_rank_zero())
     stopwatch = tracking.Stopwatch()
     if cfg.get("resume"):
         cfg = resumed_config(cfg.resume, _command_line_overrides())
         run_id, run_dir = cfg.run_id, Path(cfg.paths.run_dir)
-    elif not _is_launcher_rank() and os.environ.get(_RUN_DIR_VAR):
+    elif not is_rank_zero() and os.environ.get(RUN_DIR_VAR):
         # A DDP worker started by Lightning: join the run dir that rank 0 made.
-        run_id, run_dir = os.environ[_RUN_ID_VAR], Path(os.environ[_RUN_DIR_VAR])
+        run_id, run_dir = os.environ[RUN_ID_VAR], Path(os.environ[RUN_DIR_VAR])
     else:
-        run_id, run_dir = tracking.make_run_dir(cfg.paths.output_root, cfg.model.name, cfg.task.name)
+        run_id, run_dir = tracking.make_run_dir(
+            cfg.paths.output_root, cfg.model.name, cfg.task.name, shared_name=shared_run_name()
+        )
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
         cfg.run_id = run_id
     # Lightning starts the other DDP ranks as copies of this command; they inherit these.
-    os.environ[_RUN_DIR_VAR], os.environ[_RUN_ID_VAR] = str(run_dir), run_id
-    file_log = log_to_file(run_dir) if _is_launcher_rank() else None
+    os.environ[RUN_DIR_VAR], os.environ[RUN_ID_VAR] = str(run_dir), run_id
+    file_log = log_to_file(run_dir) if is_rank_zero() else None
     try:
         return _train_in(cfg, run_id, run_dir, stopwatch)
     finally:
         if file_log is not None:
             logging.getLogger().removeHandler(file_log)
             file_log.close()
-        if _is_launcher_rank():
-            os.environ.pop(_RUN_DIR_VAR, None)
-            os.environ.pop(_RUN_ID_VAR, None)
-
-
-_RUN_DIR_VAR, _RUN_ID_VAR = "LMFORGE_RUN_DIR", "LMFORGE_RUN_ID"
-
-
-def _is_launcher_rank() -> bool:
-    """True in the process a user started (rank 0); False in DDP workers Lightning started."""
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+        if is_rank_zero():
+            os.environ.pop(RUN_DIR_VAR, None)
+            os.environ.pop(RUN_ID_VAR, None)
 
 
 def _command_line_overrides() -> list[str]:
@@ -98,7 +93,7 @@ def resumed_config(resume: str, overrides: list[str]) -> DictConfig:
 def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.Stopwatch) -> dict[str, Any]:
     resuming = bool(cfg.get("resume"))
     last_ckpt = run_dir / "checkpoints" / "last.ckpt"
-    if _is_launcher_rank():
+    if is_rank_zero():
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         if resuming:
             tracking.keep_csv_history(run_dir / "csv")
@@ -108,14 +103,14 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
     starting = [
         threading.Thread(target=tracking.start_wandb, args=(lg,), daemon=True)
         for lg in loggers
-        if type(lg).__name__ == "WandbLogger" and _is_launcher_rank()
+        if type(lg).__name__ == "WandbLogger" and is_rank_zero()
     ]
     for thread in starting:
         thread.start()
     run = build_run(cfg, loggers, tokenizer=load_tokenizer(run_dir) if resuming else None)
     for thread in starting:
         thread.join()
-    if _is_launcher_rank():
+    if is_rank_zero():
         save_tokenizer(run.tokenizer, run_dir)
     n_params = sum(p.numel() for p in run.backbone.parameters())
     trainable = sum(p.numel() for p in run.task.parameters() if p.requires_grad)
@@ -133,7 +128,7 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
 
     hparams = OmegaConf.to_container(cfg, resolve=True)
     hparams.pop("hydra", None)
-    for logger in loggers if _is_launcher_rank() else []:
+    for logger in loggers if is_rank_zero() else []:
         logger.log_hyperparams(hparams)
         if type(logger).__name__ == "WandbLogger":
             log.info("tracking: %s", tracking.describe_wandb(logger))

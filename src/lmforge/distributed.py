@@ -1,0 +1,36 @@
+"""Which process is rank 0, and how all ranks of one run agree on its run directory.
+
+Three ways to start several ranks, three ways to share the run dir:
+- Lightning's own launcher (``trainer=ddp`` on one machine) starts the other ranks as copies of
+  the command: they inherit ``LMFORGE_RUN_DIR``/``LMFORGE_RUN_ID`` from rank 0.
+- ``torchrun`` starts every rank itself: they share ``TORCHELASTIC_RUN_ID``.
+- SLURM (srun, or the submitit launcher) starts every task itself: they share ``SLURM_JOB_ID``.
+"""
+
+from __future__ import annotations
+
+import os
+
+RUN_DIR_VAR, RUN_ID_VAR = "LMFORGE_RUN_DIR", "LMFORGE_RUN_ID"
+
+
+def global_rank() -> int:
+    """This process's rank from the launcher's environment (0 when not distributed)."""
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(var):
+            return int(os.environ[var]) + (int(os.environ.get("NODE_RANK", 0)) if var == "LOCAL_RANK" else 0)
+    return 0
+
+
+def is_rank_zero() -> bool:
+    """True in the process that owns the run: it writes the run dir, logs and results."""
+    return global_rank() == 0
+
+
+def shared_run_name() -> str | None:
+    """A name every rank of a torchrun or multi-task SLURM job computes alike; None otherwise."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID'][:12]}"
+    if int(os.environ.get("SLURM_NTASKS", 1)) > 1 and os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    return None
