@@ -114,26 +114,9 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         save_tokenizer(run.tokenizer, run_dir)
     n_params = sum(p.numel() for p in run.backbone.parameters())
     trainable = sum(p.numel() for p in run.task.parameters() if p.requires_grad)
-    sizes = ", ".join(f"{k} {v:,}" for k, v in run.datamodule.split_sizes.items())
-    log.info("model: %s (%s, %s parameters)", cfg.model.name, type(run.backbone).__name__, _fmt_params(n_params))
-    log.info("task: %s (%s tokens)", cfg.task.name, sizes)
-    log.info("tokenizer: %s (%d tokens)", cfg.tokenizer.get("name", "?"), run.tokenizer.get_vocab_size())
     trainer = run.trainer
-    log.info(
-        "device: %s x%d, precision %s",
-        trainer.accelerator.__class__.__name__.replace("Accelerator", "").lower(),
-        trainer.num_devices,
-        trainer.precision,
-    )
-
-    hparams = OmegaConf.to_container(cfg, resolve=True)
-    hparams.pop("hydra", None)
-    for logger in loggers if is_rank_zero() else []:
-        logger.log_hyperparams(hparams)
-        if type(logger).__name__ == "WandbLogger":
-            log.info("tracking: %s", tracking.describe_wandb(logger))
-        elif getattr(logger, "log_dir", None):
-            log.info("tracking: %s -> %s", type(logger).__name__.replace("Logger", ""), logger.log_dir)
+    if is_rank_zero():
+        _report_start(cfg, run, loggers, n_params)
 
     trainer.fit(run.task, datamodule=run.datamodule, ckpt_path=str(last_ckpt) if resuming else None, weights_only=True)
     trainer.save_checkpoint(last_ckpt)  # the periodic last.ckpt may be older than the final step
@@ -173,6 +156,24 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         curves = tracking.plot_curves(tracking.csv_history(run_dir / "csv"), run_dir / "curves.png")
         _summary(record, run, loggers, curves)
     return record
+
+
+def _report_start(cfg: DictConfig, run, loggers: list[Any], n_params: int) -> None:
+    """One console line per choice that matters; hyperparameters to every logger."""
+    trainer = run.trainer
+    sizes = ", ".join(f"{k} {v:,}" for k, v in run.datamodule.split_sizes.items())
+    device = trainer.accelerator.__class__.__name__.replace("Accelerator", "").lower()
+    log.info("model: %s (%s, %s parameters)", cfg.model.name, type(run.backbone).__name__, _fmt_params(n_params))
+    log.info("task: %s (%s tokens)", cfg.task.name, sizes)
+    log.info("tokenizer: %s (%d tokens)", cfg.tokenizer.get("name", "?"), run.tokenizer.get_vocab_size())
+    log.info("device: %s x%d, precision %s", device, trainer.num_devices, trainer.precision)
+    hparams = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(hparams)
+        if type(logger).__name__ == "WandbLogger":
+            log.info("tracking: %s", tracking.describe_wandb(logger))
+        elif getattr(logger, "log_dir", None):
+            log.info("tracking: %s -> %s", type(logger).__name__.replace("Logger", ""), logger.log_dir)
 
 
 def _summary(record: dict[str, Any], run, loggers: list[Any], curves: Path | None) -> None:
