@@ -8,7 +8,10 @@ from lmforge.errors import LmforgeError
 
 
 def test_unknown_group_choice_lists_the_names_that_exist():
-    with pytest.raises(LmforgeError, match=r"^Unknown model 'gtp2'; choose one of: gpt2, gpt2-mini, gpt2-tiny\.$"):
+    with pytest.raises(
+        LmforgeError,
+        match=r"^Unknown model 'gtp2'; choose one of: bert-base, bert-mini, bert-tiny, gpt2, gpt2-mini, gpt2-tiny\.$",
+    ):
         check_group_choices(["model=gtp2"])
     with pytest.raises(LmforgeError, match="Unknown task 'nope'"):
         check_group_choices(["-m", "task=tinyshakespeare,nope"])
@@ -19,7 +22,10 @@ def test_unknown_group_choice_lists_the_names_that_exist():
 def test_cli_unknown_model_is_one_line_and_exit_1():
     result = run_cli(["model=gtp2"])
     assert result.returncode == 1
-    assert result.stderr.strip() == "error: Unknown model 'gtp2'; choose one of: gpt2, gpt2-mini, gpt2-tiny."
+    assert (
+        result.stderr.strip()
+        == "error: Unknown model 'gtp2'; choose one of: bert-base, bert-mini, bert-tiny, gpt2, gpt2-mini, gpt2-tiny."
+    )
     assert "Traceback" not in result.stderr + result.stdout
 
 

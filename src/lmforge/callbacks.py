@@ -36,7 +36,7 @@ class TokenThroughput(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Count the batch's tokens and log the rate over the last few steps."""
-        n = batch[0].numel() * trainer.world_size
+        n = _count_tokens(batch) * trainer.world_size
         now = time.perf_counter()
         self.tokens += n
         self.train_seconds += now - self._batch_start
@@ -54,6 +54,14 @@ class TokenThroughput(pl.Callback):
     def tokens_per_second(self) -> float:
         """Training tokens per second of training-step time over the whole run."""
         return self.tokens / self.train_seconds if self.train_seconds else 0.0
+
+
+def _count_tokens(batch) -> int:
+    """Real (non-padding) input tokens of a batch: a dict with an attention mask, or (inputs, labels)."""
+    if isinstance(batch, dict):
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    return batch[0].numel()
 
 
 class StepProgressBar(RichProgressBar):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
@@ -31,8 +32,22 @@ class Run:
 
 
 def _without(node: DictConfig, *keys: str) -> DictConfig:
-    """A copy of a config node without the given keys (descriptive keys that are not constructor arguments)."""
-    return OmegaConf.masked_copy(node, [k for k in node if k not in keys])
+    """A resolved copy of a config node without the given keys (descriptive keys, not constructor arguments).
+
+    Resolved first: a detached copy could no longer see the keys its interpolations name.
+    """
+    values = OmegaConf.to_container(node, resolve=True)
+    return OmegaConf.create({k: v for k, v in values.items() if k not in keys})
+
+
+def _instantiate_reporting(node: DictConfig, **kwargs: Any) -> Any:
+    """``instantiate``, but a user error raised by the constructor comes out as itself, not wrapped by Hydra."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, LmforgeError):
+            raise err.__cause__ from None
+        raise
 
 
 def build_backbone(model_cfg: DictConfig, vocab_size: int) -> nn.Module:
@@ -60,10 +75,14 @@ def build_data(
         tokenizer: a run's saved tokenizer; None builds one from the config and the training text.
         required: splits that must exist.
     """
-    texts = instantiate(cfg.task.source).load(cfg.paths.data_dir, required=required)
+    source = instantiate(cfg.task.source)
+    texts = source.load(cfg.paths.data_dir, required=required)
     if tokenizer is None:
-        tokenizer = instantiate(_without(cfg.tokenizer, "name"))(texts["train"])
-    datamodule = instantiate(cfg.task.data, texts=texts, tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir)
+        tokenizer = instantiate(_without(cfg.tokenizer, "name"))(source.training_text(texts))
+    # Data goes in through a partial: Hydra would copy every kwarg into its config tree (minutes for 67k sentences).
+    datamodule = instantiate(cfg.task.data, _partial_=True)(
+        texts=texts, tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir
+    )
     return tokenizer, datamodule
 
 
@@ -78,15 +97,18 @@ def build_task(
             f"task.data.block_size={block_size} is longer than the model's n_positions={n_positions}; "
             f"lower task.data.block_size or raise model.n_positions."
         )
-    return instantiate(
-        cfg.task.module,
-        backbone=backbone,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        tokenizer=tokenizer,
-        chars_per_token=getattr(datamodule, "chars_per_token", None),
-        **overrides,
-    )
+    task_class = _instantiate_reporting(cfg.task.module, _partial_=True)
+    try:
+        return task_class(
+            backbone=backbone,
+            optimizer=instantiate(cfg.optimizer),
+            scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+            tokenizer=tokenizer,
+            **datamodule.task_arguments(),
+            **overrides,
+        )
+    except TypeError as err:  # an override that this task does not take
+        raise LmforgeError(f"Task {cfg.task.name} cannot be built: {err}.") from err
 
 
 def build_run(cfg: DictConfig, loggers: list[Any] | None = None, tokenizer: Tokenizer | None = None) -> Run:

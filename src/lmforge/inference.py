@@ -15,7 +15,7 @@ from lmforge.console import setup_console
 from lmforge.data.tokenizers import EOS
 from lmforge.errors import LmforgeError
 from lmforge.generation import generate
-from lmforge.runs import load_run
+from lmforge.runs import load_checkpoint, load_run
 
 log = logging.getLogger("lmforge")
 
@@ -78,7 +78,9 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     split = cfg.split or ("test" if "test" in datamodule.ids else "validation")
     if split not in ("test", "validation"):
         raise LmforgeError(f"split={split} is not one lmforge-evaluate scores; use split=test or split=validation.")
-    task = build_task(saved, run.backbone, run.tokenizer, datamodule, num_samples=0)
+    no_samples = {"num_samples": 0} if "num_samples" in saved.task.module else {}
+    task = build_task(saved, run.backbone, run.tokenizer, datamodule, **no_samples)
+    task.load_state_dict(load_checkpoint(run.checkpoint)["state_dict"])  # the head too, not only the backbone
     limit = cfg.limit_batches if cfg.limit_batches is not None else 1.0
     trainer = pl.Trainer(
         accelerator="gpu" if _device(cfg.device).type == "cuda" else "cpu",

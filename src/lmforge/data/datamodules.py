@@ -126,6 +126,10 @@ class LanguageModelingDataModule(pl.LightningDataModule):
             tmp.replace(path)  # atomic: concurrent runs never read a half-written file
         return ids
 
+    def task_arguments(self) -> dict:
+        """What the task needs to know about the data: characters per token, for bits per character."""
+        return {"chars_per_token": self.chars_per_token}
+
     @property
     def split_sizes(self) -> dict[str, int]:
         """Number of tokens in each split."""

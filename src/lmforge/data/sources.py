@@ -79,10 +79,16 @@ class TextCorpus:
                 f"(it has: {', '.join(sorted(texts))})"
                 + (f"; online, the hub id {self.hub_id} provides it." if self.hub_id else ".")
             )
-        log.info(
-            "data: %s from %s (%s)", self.name, where, ", ".join(f"{k} {len(v):,} chars" for k, v in texts.items())
-        )
+        log.info("data: %s from %s (%s)", self.name, where, ", ".join(f"{k} {self._size(v)}" for k, v in texts.items()))
         return texts
+
+    def training_text(self, splits: dict) -> str:
+        """The text a tokenizer is trained on: the training split."""
+        return splits["train"]
+
+    @staticmethod
+    def _size(split) -> str:
+        return f"{len(split):,} chars"
 
     def _from_folder(self, folder: Path) -> dict[str, str]:
         from datasets import load_dataset
@@ -111,3 +117,76 @@ class TextCorpus:
         text = texts["unsplit"]
         cut = int(len(text) * (1 - self.holdout_fraction))
         return {"train": text[:cut], "validation": text[cut:]}
+
+
+@dataclass
+class LabeledTexts(TextCorpus):
+    """A text-classification dataset: per split, a list of texts and a list of integer labels.
+
+    Local files are CSV, TSV or JSON lines (read with `datasets`' csv or json builder); the
+    hub dataset is read by id. A split whose labels are all negative (GLUE's hidden test
+    labels) is dropped.
+
+    Args (beyond :class:`TextCorpus`):
+        label_column: column holding the label (integers, or strings mapped to integers in sorted order).
+        delimiter: field separator of CSV/TSV files.
+        label_names: names of the classes, in label order; None discovers them from the data.
+    """
+
+    label_column: str = "label"
+    delimiter: str = ","
+    label_names: list[str] | None = None
+
+    def training_text(self, splits: dict) -> str:
+        """The training sentences, one per line."""
+        return "\n".join(splits["train"]["text"])
+
+    @staticmethod
+    def _size(split) -> str:
+        return f"{len(split['text']):,} examples"
+
+    def _from_folder(self, folder: Path) -> dict:
+        from datasets import load_dataset
+
+        files = {split: str(folder / f) for split, f in self.local_files.items() if (folder / f).is_file()}
+        if not files:
+            raise LmforgeError(
+                f"Dataset folder {folder} holds none of the expected files: {', '.join(self.local_files.values())}."
+            )
+        builder = "json" if next(iter(files.values())).endswith((".json", ".jsonl")) else "csv"
+        options = {"delimiter": self.delimiter} if builder == "csv" else {}
+        return self._columns(load_dataset(builder, data_files=files, keep_in_memory=True, **options))
+
+    def _from_hub(self) -> dict:
+        from datasets import load_dataset
+
+        return self._columns(load_dataset(self.hub_id, self.hub_config))
+
+    def _columns(self, ds) -> dict:
+        out = {}
+        for split in ds:
+            if split not in SPLITS:
+                continue
+            columns = ds[split].column_names
+            for col in (self.text_column, self.label_column):
+                if col not in columns:
+                    raise LmforgeError(
+                        f"Dataset '{self.name}' split {split} has no column '{col}' (it has: {', '.join(columns)})."
+                    )
+            labels = list(ds[split][self.label_column])
+            if all(isinstance(x, int) and x < 0 for x in labels):
+                continue  # hidden test labels
+            out[split] = {"text": [str(t) for t in ds[split][self.text_column]], "label": labels}
+        names = self.label_names or sorted({str(x) for split in out.values() for x in split["label"]}, key=_natural)
+        index = {name: i for i, name in enumerate(names)}
+        for split in out.values():
+            split["label"] = [index[str(x)] for x in split["label"]]
+        self.label_names = names
+        return out
+
+    def _split_holdout(self, texts: dict) -> dict:
+        return texts
+
+
+def _natural(name: str):
+    return (0, int(name)) if name.lstrip("-").isdigit() else (1, name)

@@ -13,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from lmforge.errors import LmforgeError
 from lmforge.hub import hub_reachable
@@ -73,6 +73,56 @@ def gpt2_tokenizer(train_text: str | None = None, local_dir: str | None = None, 
         f"The GPT-2 tokenizer files were not found in {local_dir} (vocab.json, merges.txt) "
         f"and the hub ({hub_id}) cannot be reached; set LMFORGE_DATA to a data mirror or go online."
     )
+
+
+def wordpiece_tokenizer(
+    train_text: str | None = None,
+    vocab_file: str | None = None,
+    hub_id: str = "google-bert/bert-base-uncased",
+    vocab_size: int = 8192,
+    lowercase: bool = True,
+) -> Tokenizer:
+    """BERT's WordPiece: from a ``vocab.txt``, else the hub, else trained on the training text.
+
+    Args:
+        train_text: text to train a vocabulary on when no file or hub copy is used.
+        vocab_file: a BERT ``vocab.txt`` (one token per line, line number = id).
+        hub_id: hub repository with ``tokenizer.json``; null trains a vocabulary instead.
+        vocab_size: size of a trained vocabulary.
+        lowercase: lower-case and strip accents (the "uncased" models).
+    """
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    if vocab_file and Path(vocab_file).is_file():
+        tok = Tokenizer(models.WordPiece.from_file(str(vocab_file), unk_token="[UNK]"))
+    elif hub_id and hub_reachable():
+        return Tokenizer.from_pretrained(hub_id)
+    elif train_text is not None:
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    else:
+        raise LmforgeError(
+            f"No WordPiece vocabulary: {vocab_file} does not exist and the hub ({hub_id}) cannot be reached."
+        )
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    if not (vocab_file and Path(vocab_file).is_file()):
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+        tok.train_from_iterator(_chunks(train_text), trainer=trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return tok
+
+
+def pad_token_id(tokenizer: Tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's own pad token, else 0 (masked out anyway)."""
+    for token in ("[PAD]", "<pad>", "<|endoftext|>"):
+        if tokenizer.token_to_id(token) is not None:
+            return tokenizer.token_to_id(token)
+    return 0
 
 
 def _chunks(text: str, size: int = 1 << 16):

@@ -44,6 +44,7 @@ class GPT(nn.Module):
         self.vocab_size = vocab_size
         self.n_positions = n_positions
         self.n_embd = n_embd
+        self.hidden_size = n_embd  # what task heads read, for every backbone
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(vocab_size, n_embd),

@@ -1,0 +1,199 @@
+"""BERT: a bidirectional Transformer encoder in the shape of bert-base-uncased.
+
+Post-LayerNorm blocks, learned positions, segment (token type) embeddings and a tanh
+pooler over the first ([CLS]) token. Parameter names match the public checkpoint's
+``BertModel`` (``embeddings.word_embeddings``, ``encoder.layer.0.attention.self.query``,
+``pooler.dense``), so loading it is a name-for-name copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BertEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, max_positions: int, type_vocab_size: int, dropout: float):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, hidden_size)
+        self.position_embeddings = nn.Embedding(max_positions, hidden_size)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=1e-12)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, hidden) embeddings."""
+        T = input_ids.shape[1]
+        positions = torch.arange(T, device=input_ids.device)
+        types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(types)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head attention over the whole sequence, padding masked out."""
+
+    def __init__(self, hidden_size: int, n_head: int, dropout: float):
+        super().__init__()
+        self.n_head = n_head
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); ``mask`` is (B, 1, 1, T) bool, True where attention is allowed."""
+        B, T, C = x.shape
+        # (B, T, C) -> (B, heads, T, head_dim)
+        q, k, v = (
+            lin(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+            for lin in (self.query, self.key, self.value)
+        )
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return y.transpose(1, 2).reshape(B, T, C)
+
+
+class BertOutput(nn.Module):
+    """Projection, dropout, then LayerNorm of the residual sum (post-norm)."""
+
+    def __init__(self, in_size: int, hidden_size: int, dropout: float):
+        super().__init__()
+        self.dense = nn.Linear(in_size, hidden_size)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=1e-12)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """LayerNorm(residual + dropout(dense(x)))."""
+        return self.LayerNorm(residual + self.dropout(self.dense(x)))
+
+
+class BertAttention(nn.Module):
+    """Self-attention sub-layer: ``self`` (q, k, v) and ``output`` (projection + norm)."""
+
+    def __init__(self, hidden_size: int, n_head: int, dropout: float):
+        super().__init__()
+        self.self = BertSelfAttention(hidden_size, n_head, dropout)
+        self.output = BertOutput(hidden_size, hidden_size, dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C)."""
+        return self.output(self.self(x, mask), x)
+
+
+class BertIntermediate(nn.Module):
+    """The feed-forward widening: dense to ``intermediate_size`` and exact GELU."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, T, intermediate)."""
+        return F.gelu(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    """One post-LayerNorm encoder block."""
+
+    def __init__(self, hidden_size: int, n_head: int, intermediate_size: int, dropout: float):
+        super().__init__()
+        self.attention = BertAttention(hidden_size, n_head, dropout)
+        self.intermediate = BertIntermediate(hidden_size, intermediate_size)
+        self.output = BertOutput(intermediate_size, hidden_size, dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C)."""
+        x = self.attention(x, mask)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    """The stack of blocks (``encoder.layer.<i>``)."""
+
+    def __init__(self, n_layer: int, hidden_size: int, n_head: int, intermediate_size: int, dropout: float):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(hidden_size, n_head, intermediate_size, dropout) for _ in range(n_layer))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C)."""
+        for layer in self.layer:
+            x = layer(x, mask)
+        return x
+
+
+class BertPooler(nn.Module):
+    """tanh(dense(hidden state of the first token)), the [CLS] summary BERT was pretrained with."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, C)."""
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+class Bert(nn.Module):
+    """A BERT encoder.
+
+    Args:
+        vocab_size: number of token ids (taken from the tokenizer).
+        n_layer: encoder blocks.
+        n_head: attention heads per block.
+        hidden_size: model width.
+        intermediate_size: feed-forward width (4x hidden in the public models).
+        n_positions: longest sequence the position table covers.
+        type_vocab_size: number of segment ids.
+        dropout: dropout on embeddings, attention weights and sub-layer outputs.
+    """
+
+    kind = "encoder"
+
+    def __init__(
+        self,
+        vocab_size: int,
+        n_layer: int = 12,
+        n_head: int = 12,
+        hidden_size: int = 768,
+        intermediate_size: int = 3072,
+        n_positions: int = 512,
+        type_vocab_size: int = 2,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.n_positions = n_positions
+        self.embeddings = BertEmbeddings(vocab_size, hidden_size, n_positions, type_vocab_size, dropout)
+        self.encoder = BertEncoder(n_layer, hidden_size, n_head, intermediate_size, dropout)
+        self.pooler = BertPooler(hidden_size)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Encode a batch.
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, T), 1 for real tokens, 0 for padding.
+            token_type_ids: (B, T) segment ids (0 for the first sentence).
+        Returns:
+            (B, T, hidden_size) hidden states.
+        """
+        mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None  # (B, 1, 1, T)
+        return self.encoder(self.embeddings(input_ids, token_type_ids), mask)
+
+    forward = hidden_states

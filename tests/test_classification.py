@@ -1,0 +1,86 @@
+"""Encoders, decoders and RNN-free classification on SST-2."""
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DATA_DIR, requires_data
+from lmforge.errors import LmforgeError
+from lmforge.models.bert import Bert
+from lmforge.models.gpt import GPT
+from lmforge.tasks.classification import ClassificationTask
+from lmforge.training import run_training
+
+
+def test_bert_base_has_the_public_checkpoint_parameter_count_and_names():
+    model = Bert(vocab_size=30522)  # bert-base-uncased BertModel, pooler included: 109,482,240
+    assert sum(p.numel() for p in model.parameters()) == 109_482_240
+    names = {n for n, _ in model.named_parameters()}
+    assert {"embeddings.word_embeddings.weight", "embeddings.LayerNorm.weight",
+            "encoder.layer.11.attention.self.query.weight", "encoder.layer.0.attention.output.LayerNorm.bias",
+            "encoder.layer.0.intermediate.dense.weight", "encoder.layer.0.output.dense.bias",
+            "pooler.dense.weight"} <= names  # fmt: skip
+
+
+def test_bert_sees_both_directions_and_ignores_padding():
+    torch.manual_seed(0)
+    model = Bert(vocab_size=50, n_layer=2, n_head=2, hidden_size=16, intermediate_size=32, n_positions=32).eval()
+    ids = torch.randint(0, 50, (2, 10))
+    changed = ids.clone()
+    changed[:, 9] = (changed[:, 9] + 1) % 50
+    assert not torch.allclose(model(ids)[:, 0], model(changed)[:, 0])  # the last token reaches the first
+    mask = torch.ones_like(ids)
+    mask[:, 7:] = 0
+    other = ids.clone()
+    other[:, 7:] = 3
+    torch.testing.assert_close(model(ids, mask)[:, :7], model(other, mask)[:, :7])
+
+
+def test_decoder_classifier_reads_the_last_real_token_under_either_padding():
+    torch.manual_seed(0)
+    backbone = GPT(vocab_size=30, n_layer=1, n_head=2, n_embd=16, n_positions=16)
+    task = ClassificationTask(backbone, num_classes=3, optimizer=functools.partial(torch.optim.AdamW)).eval()
+    a, b = torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10])
+    right = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    right_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    left = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
+    left_mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    alone = torch.stack([task(x[None], torch.ones(1, len(x), dtype=torch.long))[0] for x in (a, b)])
+    torch.testing.assert_close(task(right, right_mask), alone, atol=1e-5, rtol=1e-5)
+    # Left padding shifts positions; the result must at least come from the last real token.
+    with pytest.raises(AssertionError):  # sanity: reading position -1 of the right-padded batch is wrong
+        torch.testing.assert_close(task.head(backbone.hidden_states(right, right_mask)[:, -1]), alone)
+    assert task(left, left_mask).shape == (2, 3)
+
+
+def test_encoder_cannot_do_language_modelling(cfg_factory):
+    with pytest.raises(LmforgeError, match="needs a decoder backbone; Bert is 'encoder'"):
+        run_training(cfg_factory(["model=bert-tiny", "logger=none", "debug=fast"]))
+
+
+@requires_data
+def test_wordpiece_from_the_mirror_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    from lmforge.data.sources import LabeledTexts
+    from lmforge.data.tokenizers import wordpiece_tokenizer
+
+    vocab = str(Path(DATA_DIR) / "tokenizers" / "bert-base-uncased" / "vocab.txt")
+    ours = wordpiece_tokenizer(vocab_file=vocab)
+    theirs = transformers.BertTokenizerFast(vocab)  # positional: the keyword form ignores the file
+    assert ours.get_vocab_size() == theirs.vocab_size == 30522
+    sentences = LabeledTexts(name="sst2", local_dir="glue/sst2", local_files={"validation": "validation.tsv"},
+                             text_column="sentence", delimiter="\t").load(DATA_DIR, required=())["validation"]["text"]  # fmt: skip
+    assert [e.ids for e in ours.encode_batch(sentences)] == theirs(sentences)["input_ids"]
+
+
+@requires_data
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["bert-tiny", "gpt2-tiny"])
+def test_sst2_accuracy_rises_above_chance(cfg_factory, model):
+    record = run_training(cfg_factory([f"model={model}", "task=sst2", "tokenizer=wordpiece", "logger=none",
+                                       "trainer.max_steps=120", "trainer.val_check_interval=120",
+                                       "optimizer.lr=1e-3", "test_after_fit=false"]))  # fmt: skip
+    assert record["metrics"]["val/acc"] > 0.62, record["metrics"]
+    assert record["metrics"]["val/loss"] < 0.69  # below the loss of guessing
