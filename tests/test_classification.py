@@ -10,7 +10,7 @@ from conftest import DATA_DIR, requires_data
 from lmforge.errors import LmforgeError
 from lmforge.models.bert import Bert
 from lmforge.models.gpt import GPT
-from lmforge.tasks.classification import ClassificationTask
+from lmforge.tasks.classification import ClassificationTask, pool
 from lmforge.training import run_training
 
 
@@ -38,21 +38,25 @@ def test_bert_sees_both_directions_and_ignores_padding():
     torch.testing.assert_close(model(ids, mask)[:, :7], model(other, mask)[:, :7])
 
 
-def test_decoder_classifier_reads_the_last_real_token_under_either_padding():
+def test_pooling_picks_the_right_positions_under_either_padding():
+    hidden = torch.arange(2 * 4 * 1, dtype=torch.float).view(2, 4, 1)  # hidden[b, t] = 4 * b + t
+    right = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    left = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    assert pool(hidden, right, "last").flatten().tolist() == [3.0, 5.0]
+    assert pool(hidden, left, "last").flatten().tolist() == [3.0, 7.0]
+    assert pool(hidden, right, "mean").flatten().tolist() == [1.5, 4.5]
+    assert pool(hidden, left, "cls").flatten().tolist() == [0.0, 4.0]
+
+
+def test_decoder_classifier_of_a_padded_batch_equals_one_sentence_at_a_time():
     torch.manual_seed(0)
     backbone = GPT(vocab_size=30, n_layer=1, n_head=2, n_embd=16, n_positions=16)
     task = ClassificationTask(backbone, num_classes=3, optimizer=functools.partial(torch.optim.AdamW)).eval()
     a, b = torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10])
-    right = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
-    right_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    left = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
-    left_mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
-    alone = torch.stack([task(x[None], torch.ones(1, len(x), dtype=torch.long))[0] for x in (a, b)])
-    torch.testing.assert_close(task(right, right_mask), alone, atol=1e-5, rtol=1e-5)
-    # Left padding shifts positions; the result must at least come from the last real token.
-    with pytest.raises(AssertionError):  # sanity: reading position -1 of the right-padded batch is wrong
-        torch.testing.assert_close(task.head(backbone.hidden_states(right, right_mask)[:, -1]), alone)
-    assert task(left, left_mask).shape == (2, 3)
+    batch = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    alone = torch.cat([task(x[None], torch.ones(1, len(x), dtype=torch.long)) for x in (a, b)])
+    torch.testing.assert_close(task(batch, mask), alone, atol=1e-5, rtol=1e-5)
 
 
 def test_encoder_cannot_do_language_modelling(cfg_factory):

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.models.layers import init_normal
+
 
 class BertEmbeddings(nn.Module):
     """Word + position + token-type embeddings, then LayerNorm and dropout."""
@@ -169,14 +171,7 @@ class Bert(nn.Module):
         self.embeddings = BertEmbeddings(vocab_size, hidden_size, n_positions, type_vocab_size, dropout)
         self.encoder = BertEncoder(n_layer, hidden_size, n_head, intermediate_size, dropout)
         self.pooler = BertPooler(hidden_size)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        self.apply(init_normal)
 
     def hidden_states(
         self,

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from lmforge.models.layers import KVCache, PreNormBlock
+from lmforge.models.layers import KVCache, PreNormBlock, init_normal
 
 
 class GPT(nn.Module):
@@ -56,18 +56,11 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
-        self.apply(self._init_weights)
+        self.apply(init_normal)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) at init.
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def num_parameters(self, exclude_positions: bool = False) -> int:
         """Count parameters once (the tied head is not counted twice)."""

@@ -11,6 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def init_normal(module: nn.Module, std: float = 0.02) -> None:
+    """GPT-2/BERT initialisation for ``Module.apply``: normal(0, std) weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention with a causal mask and one fused q/k/v projection.
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,8 +9,8 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lmforge.errors import LmforgeError
-from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory, configure_optimization
-from lmforge.tasks.rng import capture_rng_state, restore_rng_state
+from lmforge.tasks.base import TaskModule
+from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
 
 POOLINGS = {"encoder": ("cls", "mean"), "decoder": ("last", "mean")}
 
@@ -33,7 +32,7 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
-class ClassificationTask(pl.LightningModule):
+class ClassificationTask(TaskModule):
     """A linear head on a pooled backbone, trained with cross-entropy.
 
     Args:
@@ -58,7 +57,7 @@ class ClassificationTask(pl.LightningModule):
         label_names: list[str] | None = None,
         tokenizer=None,
     ):
-        super().__init__()
+        super().__init__(optimizer, scheduler)
         kind = getattr(backbone, "kind", None)
         if kind not in POOLINGS:
             raise LmforgeError(
@@ -70,8 +69,6 @@ class ClassificationTask(pl.LightningModule):
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(backbone.hidden_size, num_classes)
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
         self.label_names = label_names
         metrics = MetricCollection(
             {
@@ -92,9 +89,7 @@ class ClassificationTask(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Cross-entropy of one batch."""
         loss = F.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0 or self.global_step == 0:
-            self.log("train/loss", loss, prog_bar=True)
-            self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+        self.log_train(loss)
         return loss
 
     def _evaluate(self, batch: dict, metrics: MetricCollection, loss: MeanMetric) -> None:
@@ -123,16 +118,3 @@ class ClassificationTask(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         """Log test loss, accuracy and macro F1."""
         self._log_epoch("test", self.test_metrics, self.test_loss)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the random generators so that a resumed run draws the same numbers."""
-        checkpoint["rng_state"] = capture_rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restore the random generators saved with the checkpoint."""
-        if "rng_state" in checkpoint:
-            restore_rng_state(checkpoint["rng_state"])
-
-    def configure_optimizers(self):
-        """Optimizer with weight decay on matrices only, and a per-step schedule."""
-        return configure_optimization(self, self.optimizer_factory, self.scheduler_factory)

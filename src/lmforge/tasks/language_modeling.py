@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
@@ -14,13 +13,13 @@ from torchmetrics import MeanMetric
 
 from lmforge.errors import LmforgeError
 from lmforge.generation import generate
-from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory, configure_optimization
-from lmforge.tasks.rng import capture_rng_state, restore_rng_state
+from lmforge.tasks.base import TaskModule
+from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
 
 sample_log = logging.getLogger("lmforge.samples")
 
 
-class LanguageModelingTask(pl.LightningModule):
+class LanguageModelingTask(TaskModule):
     """Train a decoder backbone to predict the next token.
 
     Args:
@@ -51,15 +50,13 @@ class LanguageModelingTask(pl.LightningModule):
         sample_temperature: float = 0.8,
         sample_top_k: int | None = 200,
     ):
-        super().__init__()
+        super().__init__(optimizer, scheduler)
         if getattr(backbone, "kind", None) != "decoder":
             raise LmforgeError(
                 f"Language modelling needs a decoder backbone; {type(backbone).__name__} is "
                 f"'{getattr(backbone, 'kind', 'unknown')}'."
             )
         self.backbone = backbone
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
         self.tokenizer = tokenizer
         self.chars_per_token = chars_per_token or {}
         self.num_samples = num_samples
@@ -85,11 +82,7 @@ class LanguageModelingTask(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         """One optimisation step's loss."""
         loss = self._loss(batch)
-        # Lightning hands metrics to the loggers every log_every_n_steps; logging only then saves
-        # a few percent of step time on small models.
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0 or self.global_step == 0:
-            self.log("train/loss", loss, prog_bar=True)
-            self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+        self.log_train(loss)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -145,16 +138,3 @@ class LanguageModelingTask(pl.LightningModule):
                     logger.log_text(
                         key="samples", columns=["step", "text"], data=[[self.global_step, t] for t in texts]
                     )
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the random generators so that a resumed run draws the same numbers."""
-        checkpoint["rng_state"] = capture_rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restore the random generators saved with the checkpoint."""
-        if "rng_state" in checkpoint:
-            restore_rng_state(checkpoint["rng_state"])
-
-    def configure_optimizers(self):
-        """Optimizer with weight decay on matrices only, and a per-step schedule."""
-        return configure_optimization(self, self.optimizer_factory, self.scheduler_factory)

@@ -1,0 +1,46 @@
+"""What every task LightningModule shares: the optimizer set-up, train-metric logging, RNG in checkpoints."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+
+from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory, configure_optimization
+from lmforge.tasks.rng import capture_rng_state, restore_rng_state
+
+
+class TaskModule(pl.LightningModule):
+    """Base class of the tasks: holds the optimizer and schedule partials and implements the shared hooks.
+
+    Args:
+        optimizer: partial optimizer, called with the parameter groups.
+        scheduler: partial schedule, called with the optimizer and the total steps; or None.
+    """
+
+    def __init__(self, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None):
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+
+    def log_train(self, loss: torch.Tensor) -> None:
+        """Log the training loss and learning rate to the bar and the loggers.
+
+        Only on the steps Lightning hands to the loggers (every ``log_every_n_steps``): logging
+        every step costs a few percent of step time on small models.
+        """
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0 or self.global_step == 0:
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the random generators so that a resumed run draws the same numbers."""
+        checkpoint["rng_state"] = capture_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the random generators saved with the checkpoint."""
+        if "rng_state" in checkpoint:
+            restore_rng_state(checkpoint["rng_state"])
+
+    def configure_optimizers(self):
+        """Optimizer with weight decay on matrices only, and a per-step schedule."""
+        return configure_optimization(self, self.optimizer_factory, self.scheduler_factory)
