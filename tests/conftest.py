@@ -15,7 +15,6 @@ from lmforge.cli import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = os.environ.get("LMFORGE_DATA")
-FIXTURES = Path(__file__).parent / "fixtures"
 
 # A tiny but real run: char-level GPT on Tiny Shakespeare, a few steps, CSV only.
 TINY = [

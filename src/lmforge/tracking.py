@@ -132,7 +132,7 @@ def start_wandb(logger) -> None:
 def describe_wandb(logger) -> str:
     """One line saying where a W&B logger writes and whether it is online."""
     run = logger.experiment
-    if run.settings.mode == "offline" or getattr(run.settings, "_offline", False):
+    if run.settings.mode == "offline":
         return f"W&B offline: {run.dir.rsplit('/files', 1)[0]} (upload later with `wandb sync`)"
     return f"W&B online: {run.url}"
 
