@@ -23,13 +23,12 @@ def config_choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
 
 def check_group_choices(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
     """Fail with one sentence when an override names a config that does not exist (``model=gtp2``)."""
-    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()} if conf_dir.is_dir() else set()
     for arg in overrides:
         if arg.startswith("-") or "=" not in arg:
             continue
         key, value = arg.split("=", 1)
         key = key.lstrip("+~").removeprefix("override ").strip()
-        if key not in groups or "(" in value:  # sweeps like range(...) are Hydra's to check
+        if not key or not (conf_dir / key).is_dir() or "(" in value:  # sweeps like range(...) are Hydra's to check
             continue
         for name in value.split(","):
             if name and name != "null" and not (conf_dir / key / f"{name}.yaml").is_file():
@@ -74,8 +73,11 @@ def train() -> None:
     def run(cfg):
         if "wandb" in (cfg.get("logger") or {}):
             _prestart_wandb()
-        from lmforge.training import run_training  # heavy imports only after the config is known to be valid
+        # Heavy imports only after the config is known to be valid.
+        from lmforge.training import command_line_overrides, run_stages, run_training
 
+        if cfg.get("stages"):
+            return run_stages(cfg, command_line_overrides())
         return run_training(cfg)
 
     _hydra_entry(run, "train")

@@ -79,9 +79,12 @@ def build_data(
     texts = source.load(cfg.paths.data_dir, required=required)
     if tokenizer is None:
         tokenizer = instantiate(_without(cfg.tokenizer, "name"))(source.training_text(texts))
+    # Keys that task.data shares with task.source (a user's file path, its columns) are the source's, not the DataModule's.
+    shared = {key for key in set(cfg.task.data) & set(cfg.task.source) if not key.startswith("_")}
+    data_node = _without(cfg.task.data, *shared)
     # Data goes in through a partial: Hydra would copy every kwarg into its config tree (minutes for 67k sentences).
-    datamodule = instantiate(cfg.task.data, _partial_=True)(
-        texts=texts, tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir
+    datamodule = instantiate(data_node, _partial_=True)(
+        texts=texts, tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir, **source.data_arguments()
     )
     return tokenizer, datamodule
 

@@ -89,3 +89,56 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> SavedRun:
         )
     backbone.eval()
     return SavedRun(run_dir, cfg, tokenizer, backbone, path)
+
+
+def init_source(spec: str) -> tuple[Path, Path | None]:
+    """Where ``init_from=`` points: (checkpoint, its run dir or None).
+
+    A run dir gives its best checkpoint; a ``.ckpt`` file inside a run dir gives that run dir too.
+    """
+    path = Path(spec).expanduser().resolve()
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise LmforgeError(f"init_from={spec} is not a run directory (no config.yaml in it).")
+        return find_checkpoint(path, "best"), path
+    if path.is_file():
+        run_dir = path.parent.parent
+        return path, run_dir if (run_dir / "tokenizer.json").is_file() else None
+    raise LmforgeError(f"init_from={spec}: no such run directory or checkpoint file.")
+
+
+def _groups(names: list[str]) -> str:
+    """Parameter names summarised by their first two components, e.g. ``encoder.layer (24)``."""
+    counts: dict[str, int] = {}
+    for name in names:
+        key = ".".join(name.split(".")[:2])
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} ({n})" if n > 1 else k for k, n in counts.items()) or "none"
+
+
+def init_backbone(backbone: nn.Module, checkpoint: Path) -> str:
+    """Copy a checkpoint's backbone weights into ``backbone``; return one line saying what was and was not loaded.
+
+    Tensors the backbone lacks (the old task's head) are skipped; tensors the checkpoint lacks
+    stay as initialised. A tensor whose shape differs is an error: the models do not match.
+    """
+    saved = load_checkpoint(checkpoint)
+    state = backbone_state_dict(saved)
+    own = backbone.state_dict()
+    for name, tensor in state.items():
+        if name in own and own[name].shape != tensor.shape:
+            raise LmforgeError(
+                f"init_from: {name} is {tuple(tensor.shape)} in {checkpoint} but {tuple(own[name].shape)} in this "
+                f"model; use the model (and tokenizer) of the run the checkpoint came from."
+            )
+    loaded = [name for name in own if name in state]
+    if not loaded:
+        raise LmforgeError(f"init_from: {checkpoint} holds no weights of this {type(backbone).__name__} backbone.")
+    backbone.load_state_dict({name: state[name] for name in loaded}, strict=False)
+    fresh = [name for name in own if name not in state]
+    skipped = [name for name in saved.get("state_dict", {}) if not name.startswith("backbone.")]
+    return (
+        f"init_from {checkpoint}: loaded {len(loaded)} of {len(own)} backbone tensors; "
+        f"newly initialised: {_groups(fresh)} and the task head; "
+        f"not used from the checkpoint: {_groups(skipped)}"
+    )

@@ -16,7 +16,7 @@ from lmforge.console import log_to_file, setup_console
 from lmforge.data.tokenizers import load_tokenizer, save_tokenizer
 from lmforge.distributed import RUN_DIR_VAR, RUN_ID_VAR, is_rank_zero, shared_run_name
 from lmforge.errors import LmforgeError
-from lmforge.runs import load_checkpoint
+from lmforge.runs import init_backbone, init_source, load_checkpoint
 
 log = logging.getLogger("lmforge")
 
@@ -38,7 +38,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     setup_console(quiet=not is_rank_zero())
     stopwatch = tracking.Stopwatch()
     if cfg.get("resume"):
-        cfg = resumed_config(cfg.resume, _command_line_overrides())
+        cfg = resumed_config(cfg.resume, command_line_overrides())
         run_id, run_dir = cfg.run_id, Path(cfg.paths.run_dir)
     elif not is_rank_zero() and os.environ.get(RUN_DIR_VAR):
         # A DDP worker started by Lightning: join the run dir that rank 0 made.
@@ -64,7 +64,33 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
             os.environ.pop(RUN_ID_VAR, None)
 
 
-def _command_line_overrides() -> list[str]:
+def run_stages(cfg: DictConfig, overrides: list[str]) -> list[dict[str, Any]]:
+    """Run an experiment's ``stages`` one after another, each a run of its own.
+
+    A stage is a list of overrides (``task=mlm``, ``trainer.max_steps=3000``); the command
+    line's overrides come after them (so ``trainer.max_steps=10`` shortens every stage), and
+    every stage after the first starts from the previous stage's weights (``init_from``).
+
+    Args:
+        cfg: the composed config holding ``stages``.
+        overrides: the command line's overrides.
+    Returns:
+        the records of the stage runs, in order.
+    """
+    from hydra import compose
+
+    records: list[dict[str, Any]] = []
+    names = list(cfg.stages)
+    for i, name in enumerate(names):
+        stage_overrides = [*cfg.stages[name], *overrides, "stages=null"]
+        if records:
+            stage_overrides.append(f"init_from={records[-1]['run_dir']}")
+        log.info("stage %d/%d: %s (%s)", i + 1, len(names), name, " ".join(cfg.stages[name]))
+        records.append(run_training(compose(config_name="train", overrides=stage_overrides)))
+    return records
+
+
+def command_line_overrides() -> list[str]:
     """``key=value`` overrides of the current Hydra job (empty outside one)."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -98,6 +124,8 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         if resuming:
             tracking.keep_csv_history(run_dir / "csv")
     log.info("run dir: %s%s", run_dir, " (resuming from checkpoints/last.ckpt)" if resuming else "")
+    # A resumed run has its weights in last.ckpt already; init_from only starts a new one.
+    init_checkpoint, init_run = init_source(cfg.init_from) if cfg.get("init_from") and not resuming else (None, None)
     loggers = build_loggers(cfg)
     # W&B takes a few seconds to start: let it do so while the data and the model are built.
     starting = [
@@ -107,7 +135,10 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
     ]
     for thread in starting:
         thread.start()
-    run = build_run(cfg, loggers, tokenizer=load_tokenizer(run_dir) if resuming else None)
+    saved_tokenizer = run_dir if resuming else init_run  # the ids the weights were trained on
+    run = build_run(cfg, loggers, tokenizer=load_tokenizer(saved_tokenizer) if saved_tokenizer else None)
+    if init_checkpoint is not None:
+        log.info(init_backbone(run.backbone, init_checkpoint))
     for thread in starting:
         thread.join()
     if is_rank_zero():
@@ -164,7 +195,7 @@ def _report_start(cfg: DictConfig, run, loggers: list[Any], n_params: int) -> No
     sizes = ", ".join(f"{k} {v:,}" for k, v in run.datamodule.split_sizes.items())
     device = trainer.accelerator.__class__.__name__.replace("Accelerator", "").lower()
     log.info("model: %s (%s, %s parameters)", cfg.model.name, type(run.backbone).__name__, _fmt_params(n_params))
-    log.info("task: %s (%s tokens)", cfg.task.name, sizes)
+    log.info("task: %s (%s %s)", cfg.task.name, sizes, getattr(run.datamodule, "size_unit", "examples"))
     log.info("tokenizer: %s (%d tokens)", cfg.tokenizer.get("name", "?"), run.tokenizer.get_vocab_size())
     log.info("device: %s x%d, precision %s", device, trainer.num_devices, trainer.precision)
     hparams = OmegaConf.to_container(cfg, resolve=True)

@@ -130,6 +130,8 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         """What the task needs to know about the data: characters per token, for bits per character."""
         return {"chars_per_token": self.chars_per_token}
 
+    size_unit = "tokens"
+
     @property
     def split_sizes(self) -> dict[str, int]:
         """Number of tokens in each split."""

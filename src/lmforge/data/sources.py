@@ -9,6 +9,7 @@ defaults to the environment variable ``LMFORGE_DATA``; its layout is the one of
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -57,20 +58,7 @@ class TextCorpus:
         Returns:
             split name -> text.
         """
-        folder = Path(data_dir).expanduser() / self.local_dir if data_dir and self.local_dir else None
-        if folder is not None and folder.is_dir():
-            texts, where = self._from_folder(folder), str(folder)
-        elif self.hub_id and hub_reachable():
-            texts, where = self._from_hub(), f"the hub ({self.hub_id})"
-        elif self.builtin:
-            texts, where = self._from_builtin(), "the copy shipped with lmforge"
-        else:
-            looked = str(folder) if folder is not None else "no folder (paths.data_dir is not set)"
-            hub = f"the hub id {self.hub_id} is unreachable or offline" if self.hub_id else "it has no hub id"
-            raise LmforgeError(
-                f"Dataset '{self.name}' not found: looked in {looked} and {hub}; "
-                f"set LMFORGE_DATA (or paths.data_dir) to the folder that holds '{self.local_dir}/'."
-            )
+        texts, where = self._locate(data_dir)
         texts = self._split_holdout(texts)
         missing = [s for s in required if s not in texts]
         if missing:
@@ -81,6 +69,26 @@ class TextCorpus:
             )
         log.info("data: %s from %s (%s)", self.name, where, ", ".join(f"{k} {self._size(v)}" for k, v in texts.items()))
         return texts
+
+    def data_arguments(self) -> dict:
+        """What the DataModule needs to know about this source beyond its text (nothing, for a corpus)."""
+        return {}
+
+    def _locate(self, data_dir: str | None) -> tuple[dict, str]:
+        """Read the splits from the first place that has them; return them and where that was."""
+        folder = Path(data_dir).expanduser() / self.local_dir if data_dir and self.local_dir else None
+        if folder is not None and folder.is_dir():
+            return self._from_folder(folder), str(folder)
+        if self.hub_id and hub_reachable():
+            return self._from_hub(), f"the hub ({self.hub_id})"
+        if self.builtin:
+            return self._from_builtin(), "the copy shipped with lmforge"
+        looked = str(folder) if folder is not None else "no folder (paths.data_dir is not set)"
+        hub = f"the hub id {self.hub_id} is unreachable or offline" if self.hub_id else "it has no hub id"
+        raise LmforgeError(
+            f"Dataset '{self.name}' not found: looked in {looked} and {hub}; "
+            f"set LMFORGE_DATA (or paths.data_dir) to the folder that holds '{self.local_dir}/'."
+        )
 
     def training_text(self, splits: dict) -> str:
         """The text a tokenizer is trained on: the training split."""
@@ -120,6 +128,54 @@ class TextCorpus:
 
 
 @dataclass
+class TextFiles(TextCorpus):
+    """Several text files joined into one corpus, e.g. pretraining text gathered from the data mirror.
+
+    The last ``holdout_fraction`` of each file (by characters) is the validation split.
+
+    Args (beyond :class:`TextCorpus`):
+        files: paths relative to ``paths.data_dir`` (or absolute). ``file.tsv:sentence`` takes one
+            column of a CSV/TSV file, ``file.jsonl:dialogue`` one field of a JSON-lines file; any
+            other file is read whole.
+    """
+
+    files: list[str] = field(default_factory=list)
+
+    def _locate(self, data_dir: str | None) -> tuple[dict, str]:
+        root = Path(data_dir).expanduser() if data_dir else Path.cwd()
+        specs = [(root / spec.split(":")[0], spec.split(":")[1] if ":" in spec else None) for spec in self.files]
+        missing = [str(path) for path, _ in specs if not path.is_file()]
+        if missing:
+            raise LmforgeError(
+                f"Corpus '{self.name}' is missing {', '.join(missing)}; set LMFORGE_DATA (or paths.data_dir) "
+                f"to the data mirror."
+            )
+        train, validation = [], []
+        for path, column in specs:
+            text = _read_text(path, column)
+            cut = int(len(text) * (1 - self.holdout_fraction))
+            train.append(text[:cut])
+            validation.append(text[cut:])
+        return {"train": "\n".join(train), "validation": "\n".join(validation)}, f"{len(specs)} files in {root}"
+
+
+def _read_text(path: Path, column: str | None) -> str:
+    """A file's text: one column of a CSV/TSV or one field of JSON lines (a line each), else the whole file."""
+    from datasets import load_dataset
+
+    if column is None:
+        return path.read_text(encoding="utf-8")
+    if path.suffix in (".json", ".jsonl"):
+        ds = load_dataset("json", data_files=str(path), split="train", keep_in_memory=True)
+    else:
+        delimiter = "\t" if path.suffix == ".tsv" else ","
+        ds = load_dataset("csv", data_files=str(path), delimiter=delimiter, split="train", keep_in_memory=True)
+    if column not in ds.column_names:
+        raise LmforgeError(f"{path} has no column '{column}' (it has: {', '.join(ds.column_names)}).")
+    return "\n".join(str(t) for t in ds[column])
+
+
+@dataclass
 class LabeledTexts(TextCorpus):
     """A text-classification dataset: per split, a list of texts and a list of integer labels.
 
@@ -128,14 +184,24 @@ class LabeledTexts(TextCorpus):
     labels) is dropped.
 
     Args (beyond :class:`TextCorpus`):
-        label_column: column holding the label (integers, or strings mapped to integers in sorted order).
-        delimiter: field separator of CSV/TSV files.
-        label_names: names of the classes, in label order; None discovers them from the data.
+        label_column: column holding the label: integers, or strings (mapped to integers in sorted order).
+        delimiter: field separator of CSV/TSV files; None picks it from the extension.
+        label_names: names of the classes in label order (integer labels), or the label values
+            to expect (string labels); None discovers them from the data.
+        path: a user's own data, read before the mirror and the hub: one file (split into
+            train/validation by ``holdout_fraction``, seeded), or a folder holding
+            ``train``, ``validation`` (or ``valid``/``dev``) and optionally ``test`` files.
+        seed: seed of the hold-out split.
     """
 
     label_column: str = "label"
-    delimiter: str = ","
+    delimiter: str | None = None
     label_names: list[str] | None = None
+    path: str | None = None
+    seed: int = 0
+
+    SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
+    EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json")
 
     def training_text(self, splits: dict) -> str:
         """The training sentences, one per line."""
@@ -145,17 +211,54 @@ class LabeledTexts(TextCorpus):
     def _size(split) -> str:
         return f"{len(split['text']):,} examples"
 
-    def _from_folder(self, folder: Path) -> dict:
-        from datasets import load_dataset
+    def data_arguments(self) -> dict:
+        """The class names, known once the data is loaded."""
+        return {"label_names": self.label_names}
 
+    def _locate(self, data_dir: str | None) -> tuple[dict, str]:
+        if not self.path:
+            return super()._locate(data_dir)
+        path = Path(self.path).expanduser()
+        if path.is_file():
+            return self._read({"unsplit": str(path)}), str(path)
+        if path.is_dir():
+            files = self._split_files(path)
+            if "train" not in files:
+                raise LmforgeError(
+                    f"Folder {path} has no training file: name it train.csv, train.tsv, train.json or train.jsonl."
+                )
+            if "validation" not in files:
+                files = {"unsplit": files.pop("train"), **files}
+            return self._read(files), str(path)
+        raise LmforgeError(f"Data path {path} does not exist (task.data.path, relative to {Path.cwd()}).")
+
+    def _split_files(self, folder: Path) -> dict[str, str]:
+        found = {}
+        for split, stems in self.SPLIT_STEMS.items():
+            for stem in stems:
+                for ext in self.EXTENSIONS:
+                    if (folder / f"{stem}{ext}").is_file() and split not in found:
+                        found[split] = str(folder / f"{stem}{ext}")
+        return found
+
+    def _from_folder(self, folder: Path) -> dict:
         files = {split: str(folder / f) for split, f in self.local_files.items() if (folder / f).is_file()}
         if not files:
             raise LmforgeError(
                 f"Dataset folder {folder} holds none of the expected files: {', '.join(self.local_files.values())}."
             )
-        builder = "json" if next(iter(files.values())).endswith((".json", ".jsonl")) else "csv"
-        options = {"delimiter": self.delimiter} if builder == "csv" else {}
-        return self._columns(load_dataset(builder, data_files=files, keep_in_memory=True, **options))
+        return self._read(files)
+
+    def _read(self, files: dict[str, str]) -> dict:
+        from datasets import load_dataset
+
+        first = next(iter(files.values()))
+        if first.endswith((".json", ".jsonl")):
+            return self._columns(load_dataset("json", data_files=files, keep_in_memory=True))
+        if not first.endswith((".csv", ".tsv", ".txt")):
+            raise LmforgeError(f"Cannot read {first}: labelled data must be .csv, .tsv, .json or .jsonl.")
+        delimiter = self.delimiter or ("\t" if first.endswith(".tsv") else ",")
+        return self._columns(load_dataset("csv", data_files=files, delimiter=delimiter, keep_in_memory=True))
 
     def _from_hub(self) -> dict:
         from datasets import load_dataset
@@ -165,27 +268,51 @@ class LabeledTexts(TextCorpus):
     def _columns(self, ds) -> dict:
         out = {}
         for split in ds:
-            if split not in SPLITS:
+            if split not in (*SPLITS, "unsplit"):
                 continue
             columns = ds[split].column_names
             for col in (self.text_column, self.label_column):
                 if col not in columns:
                     raise LmforgeError(
-                        f"Dataset '{self.name}' split {split} has no column '{col}' (it has: {', '.join(columns)})."
+                        f"Dataset '{self.name}' split {split} has no column '{col}' (it has: {', '.join(columns)}); "
+                        f"set task.data.text_column / task.data.label_column."
                     )
             labels = list(ds[split][self.label_column])
             if all(isinstance(x, int) and x < 0 for x in labels):
                 continue  # hidden test labels
             out[split] = {"text": [str(t) for t in ds[split][self.text_column]], "label": labels}
-        names = self.label_names or sorted({str(x) for split in out.values() for x in split["label"]}, key=_natural)
+        values = sorted({x for split in out.values() for x in split["label"]}, key=lambda x: _natural(str(x)))
+        if self.label_names and all(isinstance(x, int) for x in values):
+            # Integer labels with given names: the integers are the class indices.
+            if values[0] < 0 or values[-1] >= len(self.label_names):
+                raise LmforgeError(
+                    f"Dataset '{self.name}' has labels {values[0]}..{values[-1]} but {len(self.label_names)} label_names."
+                )
+            return out
+        names = list(self.label_names) if self.label_names else [str(x) for x in values]
         index = {name: i for i, name in enumerate(names)}
+        unknown = sorted({str(x) for x in values} - set(index))
+        if unknown:
+            raise LmforgeError(f"Dataset '{self.name}' has labels not in label_names: {', '.join(unknown[:5])}.")
         for split in out.values():
             split["label"] = [index[str(x)] for x in split["label"]]
         self.label_names = names
         return out
 
     def _split_holdout(self, texts: dict) -> dict:
-        return texts
+        if "unsplit" not in texts:
+            return texts
+        data = texts.pop("unsplit")
+        n = len(data["text"])
+        order = random.Random(self.seed).sample(range(n), n)
+        cut = max(1, int(n * self.holdout_fraction))
+        held, kept = order[:cut], order[cut:]
+        log.info("data: no validation split; holding out %d of %d examples (holdout_fraction)", cut, n)
+
+        def take(rows: list[int]) -> dict:
+            return {key: [values[i] for i in rows] for key, values in data.items()}
+
+        return {"train": take(kept), "validation": take(held), **texts}
 
 
 def _natural(name: str):

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 UNK = "<unk>"
 EOS = "<|endoftext|>"
+PAD = "<pad>"
 
 
 def char_tokenizer(train_text: str) -> Tokenizer:
@@ -48,6 +49,24 @@ def bpe_tokenizer(train_text: str, vocab_size: int = 8192, min_frequency: int = 
         special_tokens=[EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
+    )
+    tok.train_from_iterator(_chunks(train_text), trainer=trainer)
+    return tok
+
+
+def word_tokenizer(
+    train_text: str, vocab_size: int = 30000, min_frequency: int = 1, lowercase: bool = True
+) -> Tokenizer:
+    """Whole words and punctuation marks (BERT's pre-tokenizer), the most frequent ``vocab_size`` of the training text.
+
+    The vocabulary RNN classifiers and taggers are usually trained with; unseen words become ``<unk>``.
+    """
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()  # joins words with spaces
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[PAD, UNK], show_progress=False
     )
     tok.train_from_iterator(_chunks(train_text), trainer=trainer)
     return tok

@@ -173,6 +173,11 @@ class Bert(nn.Module):
         self.pooler = BertPooler(hidden_size)
         self.apply(init_normal)
 
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        """The token embedding table (the masked-LM head shares it)."""
+        return self.embeddings.word_embeddings
+
     def hidden_states(
         self,
         input_ids: torch.Tensor,

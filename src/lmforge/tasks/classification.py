@@ -1,28 +1,37 @@
-"""Sequence classification on any backbone: encoders pool [CLS] or the mean, decoders their last token."""
+"""Sequence classification on any backbone: encoders pool [CLS] or the mean, decoders their last token,
+RNNs the max over time or their final states."""
 
 from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from lmforge.errors import LmforgeError
 from lmforge.tasks.base import TaskModule
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
 
-POOLINGS = {"encoder": ("cls", "mean"), "decoder": ("last", "mean")}
+log = logging.getLogger(__name__)
+
+# The first of each is the default (pooling=auto).
+POOLINGS = {"encoder": ("cls", "mean", "max"), "decoder": ("last", "mean", "max"), "rnn": ("max", "final", "mean")}
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
     """Summarise (B, T, C) hidden states as (B, C).
 
-    ``cls``: the first position; ``mean``: the mean over real tokens; ``last``: the last real
+    ``cls``: the first position; ``mean`` and ``max``: over real tokens; ``last``: the last real
     token, found from the mask, so left and right padding give the same result.
     """
     if how == "cls":
         return hidden[:, 0]
+    if how == "max":
+        return hidden.masked_fill(~attention_mask.bool()[..., None], torch.finfo(hidden.dtype).min).max(1).values
     mask = attention_mask.to(hidden.dtype)
     if how == "mean":
         return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
@@ -35,12 +44,15 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.
 class ClassificationTask(TaskModule):
     """A linear head on a pooled backbone, trained with cross-entropy.
 
+    At test time the confusion matrix is saved as ``confusion_matrix.png`` in the run dir (and sent to W&B).
+
     Args:
-        backbone: an encoder or decoder with ``hidden_states(input_ids, attention_mask)`` and ``hidden_size``.
+        backbone: an encoder, decoder or RNN with ``hidden_states(input_ids, attention_mask)`` and ``hidden_size``.
         num_classes: number of labels (from the data).
         optimizer: partial optimizer, called with the parameter groups.
         scheduler: partial schedule, or None.
-        pooling: ``auto`` (encoder: cls, decoder: last), ``cls``, ``mean`` or ``last``.
+        pooling: ``auto`` (encoder: cls, decoder: last, RNN: max), ``cls``, ``mean``, ``max``, ``last``,
+            or ``final`` (an RNN's final states).
         dropout: dropout before the head.
         label_names: class names, for reports.
         tokenizer: unused; accepted so every task is built alike.
@@ -61,7 +73,7 @@ class ClassificationTask(TaskModule):
         kind = getattr(backbone, "kind", None)
         if kind not in POOLINGS:
             raise LmforgeError(
-                f"Classification needs an encoder or decoder backbone; {type(backbone).__name__} is '{kind}'."
+                f"Classification needs an encoder, decoder or RNN backbone; {type(backbone).__name__} is '{kind}'."
             )
         self.pooling = POOLINGS[kind][0] if pooling == "auto" else pooling
         if self.pooling not in POOLINGS[kind]:
@@ -80,11 +92,16 @@ class ClassificationTask(TaskModule):
         self.test_metrics = metrics.clone(prefix="test/")
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+        self.confusion = MulticlassConfusionMatrix(num_classes)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids and mask -> (B, num_classes) logits."""
         hidden = self.backbone.hidden_states(input_ids, attention_mask)
-        return self.head(self.dropout(pool(hidden, attention_mask, self.pooling)))
+        if self.pooling == "final":
+            pooled = self.backbone.final_states(hidden, attention_mask)
+        else:
+            pooled = pool(hidden, attention_mask, self.pooling)
+        return self.head(self.dropout(pooled))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Cross-entropy of one batch."""
@@ -92,18 +109,19 @@ class ClassificationTask(TaskModule):
         self.log_train(loss)
         return loss
 
-    def _evaluate(self, batch: dict, metrics: MetricCollection, loss: MeanMetric) -> None:
+    def _evaluate(self, batch: dict, metrics: MetricCollection, loss: MeanMetric) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])
         loss.update(F.cross_entropy(logits, batch["labels"]), weight=len(batch["labels"]))
         metrics.update(logits, batch["labels"])
+        return logits
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Accumulate loss, accuracy and macro F1."""
         self._evaluate(batch, self.val_metrics, self.val_loss)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        """Accumulate loss, accuracy and macro F1."""
-        self._evaluate(batch, self.test_metrics, self.test_loss)
+        """Accumulate loss, accuracy, macro F1 and the confusion matrix."""
+        self.confusion.update(self._evaluate(batch, self.test_metrics, self.test_loss), batch["labels"])
 
     def _log_epoch(self, prefix: str, metrics: MetricCollection, loss: MeanMetric) -> None:
         self.log(f"{prefix}/loss", loss.compute(), prog_bar=prefix == "val")
@@ -116,5 +134,24 @@ class ClassificationTask(TaskModule):
         self._log_epoch("val", self.val_metrics, self.val_loss)
 
     def on_test_epoch_end(self) -> None:
-        """Log test loss, accuracy and macro F1."""
+        """Log test loss, accuracy and macro F1; save the confusion matrix."""
         self._log_epoch("test", self.test_metrics, self.test_loss)
+        matrix = self.confusion.compute()  # on every rank: it gathers across processes
+        if self.trainer.is_global_zero:
+            self._save_confusion_matrix(matrix, Path(self.trainer.default_root_dir) / "confusion_matrix.png")
+        self.confusion.reset()
+
+    def _save_confusion_matrix(self, matrix: torch.Tensor, png: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = self.confusion.plot(val=matrix, labels=self.label_names)
+        ax.set_title("test confusion matrix (rows: true, columns: predicted)")
+        fig.savefig(png, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        log.info("confusion matrix: %s", png)
+        for logger in self.trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image("test/confusion_matrix", [str(png)])
