@@ -60,7 +60,9 @@ def test_decoder_classifier_of_a_padded_batch_equals_one_sentence_at_a_time():
 
 
 def test_encoder_cannot_do_language_modelling(cfg_factory):
-    with pytest.raises(LmforgeError, match="needs a decoder backbone; Bert is 'encoder'"):
+    with pytest.raises(
+        LmforgeError, match="LanguageModelingTask needs a decoder backbone; model bert-tiny is an encoder"
+    ):
         run_training(cfg_factory(["model=bert-tiny", "logger=none", "debug=fast"]))
 
 

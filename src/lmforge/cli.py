@@ -128,5 +128,20 @@ def evaluate() -> None:
     _hydra_entry(run, "evaluate")
 
 
+def predict() -> None:
+    """Label texts with a classification or tagging run: ``lmforge-predict run=<run dir> text="a witty film"``.
+
+    Options (``key=value``): file=<txt: a text per line | jsonl: a ``text`` field per line>,
+    output=<jsonl to write>, checkpoint=best|last|<path>, batch_size, device; see conf/predict.yaml.
+    """
+
+    def run(cfg):
+        from lmforge.inference import predict_from_run
+
+        predict_from_run(cfg)
+
+    _hydra_entry(run, "predict")
+
+
 if __name__ == "__main__":
     train()

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 from torch import nn
@@ -92,7 +92,7 @@ def build_data(
 def build_task(
     cfg: DictConfig, backbone: nn.Module, tokenizer: Tokenizer, datamodule: pl.LightningDataModule, **overrides: Any
 ) -> pl.LightningModule:
-    """Instantiate the task's LightningModule around a built backbone, with the optimizer and schedule partials."""
+    """Instantiate the task's LightningModule around a built backbone, with what it needs to know of the data."""
     block_size = getattr(datamodule, "block_size", None)
     n_positions = getattr(backbone, "n_positions", None)
     if block_size and n_positions and block_size > n_positions:
@@ -100,18 +100,40 @@ def build_task(
             f"task.data.block_size={block_size} is longer than the model's n_positions={n_positions}; "
             f"lower task.data.block_size or raise model.n_positions."
         )
+    return make_task(cfg, backbone, tokenizer, datamodule.task_arguments(), **overrides)
+
+
+def make_task(
+    cfg: DictConfig, backbone: nn.Module, tokenizer: Tokenizer, data_arguments: dict[str, Any], **overrides: Any
+) -> pl.LightningModule:
+    """The task's LightningModule from its config, with the optimizer and schedule partials.
+
+    Args:
+        data_arguments: what the task needs to know of the data (classes, characters per
+            token); kept in every checkpoint, so that a run's task can be rebuilt without its data.
+    """
     task_class = _instantiate_reporting(cfg.task.module, _partial_=True)
     try:
-        return task_class(
+        task = task_class(
             backbone=backbone,
             optimizer=instantiate(cfg.optimizer),
             scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
             tokenizer=tokenizer,
-            **datamodule.task_arguments(),
+            **data_arguments,
             **overrides,
         )
     except TypeError as err:  # an override that this task does not take
         raise LmforgeError(f"Task {cfg.task.name} cannot be built: {err}.") from err
+    task.data_arguments = data_arguments
+    return task
+
+
+def check_pairing(cfg: DictConfig) -> None:
+    """Stop before any data is read when the task cannot train this kind of model (``model=gpt2 task=mlm``)."""
+    task_class = get_class(cfg.task.module._target_)
+    model_kind = getattr(get_class(cfg.model._target_), "kind", None)
+    if hasattr(task_class, "check_backbone"):
+        task_class.check_backbone(model_kind, cfg.model.name)
 
 
 def build_run(cfg: DictConfig, loggers: list[Any] | None = None, tokenizer: Tokenizer | None = None) -> Run:
@@ -123,6 +145,7 @@ def build_run(cfg: DictConfig, loggers: list[Any] | None = None, tokenizer: Toke
             None builds them from the config.
         tokenizer: a run's saved tokenizer (resume); None builds one from the config.
     """
+    check_pairing(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer, datamodule = build_data(cfg, tokenizer)
     backbone = build_backbone(cfg.model, tokenizer.get_vocab_size())

@@ -1,8 +1,10 @@
-"""What ``lmforge-generate`` and ``lmforge-evaluate`` do with a run directory."""
+"""What ``lmforge-generate``, ``lmforge-evaluate`` and ``lmforge-predict`` do with a run directory."""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -10,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmforge import tracking
-from lmforge.compose import build_data, build_task
+from lmforge.compose import build_data, build_task, make_task
 from lmforge.console import setup_console
 from lmforge.data.tokenizers import EOS
 from lmforge.errors import LmforgeError
@@ -113,3 +115,46 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     )
     log.info("written: %s", out)
     return record
+
+
+def _read_inputs(cfg: DictConfig) -> list[str]:
+    """The texts to label: ``text=`` (one or a list), or ``file=`` (a line each, or JSON lines with a ``text`` field)."""
+    if cfg.get("text") is not None:
+        return [cfg.text] if isinstance(cfg.text, str) else [str(t) for t in cfg.text]
+    path = Path(cfg.file).expanduser()
+    if not path.is_file():
+        raise LmforgeError(f"file={cfg.file}: no such file.")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix not in (".jsonl", ".json"):
+        return lines
+    try:
+        return [str(json.loads(line)[cfg.text_field]) for line in lines]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise LmforgeError(f"{path} is not JSON lines with a '{cfg.text_field}' field on every line ({err}).") from err
+
+
+def predict_from_run(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Label texts with a run's model and print one JSON line per text (also written to ``output=``)."""
+    setup_console()
+    if OmegaConf.is_missing(cfg, "run") or (cfg.get("text") is None and not cfg.get("file")):
+        raise LmforgeError('Say which run and what to label: lmforge-predict run=<run dir> text="a gorgeous film"')
+    run = load_run(cfg.run, cfg.checkpoint)
+    checkpoint = load_checkpoint(run.checkpoint)
+    task = make_task(run.cfg, run.backbone, run.tokenizer, checkpoint.get("data_arguments") or {})
+    if not hasattr(task, "predict_texts"):
+        raise LmforgeError(
+            f"The task of {run.run_dir} ({run.cfg.task.name}) does not label texts; "
+            f"lmforge-predict serves classification and tagging runs (lmforge-generate samples from language models)."
+        )
+    task.load_state_dict(checkpoint["state_dict"])
+    task.to(_device(cfg.device)).eval()
+    texts = _read_inputs(cfg)
+    results = []
+    for start in range(0, len(texts), cfg.batch_size):
+        results.extend(task.predict_texts(texts[start : start + cfg.batch_size], run.tokenizer))
+    lines = [json.dumps(result, ensure_ascii=False) for result in results]
+    print("\n".join(lines))
+    if cfg.get("output"):
+        Path(cfg.output).expanduser().write_text("\n".join(lines) + "\n", encoding="utf-8")
+        log.info("written: %s", cfg.output)
+    return results

@@ -137,8 +137,8 @@ def init_backbone(backbone: nn.Module, checkpoint: Path) -> str:
     backbone.load_state_dict({name: state[name] for name in loaded}, strict=False)
     fresh = [name for name in own if name not in state]
     skipped = [name for name in saved.get("state_dict", {}) if not name.startswith("backbone.")]
+    fresh_text = f"{_groups(fresh)} and the task head" if fresh else "the task head only"
     return (
         f"init_from {checkpoint}: loaded {len(loaded)} of {len(own)} backbone tensors; "
-        f"newly initialised: {_groups(fresh)} and the task head; "
-        f"not used from the checkpoint: {_groups(skipped)}"
+        f"newly initialised: {fresh_text}; not used from the checkpoint: {_groups(skipped)}"
     )

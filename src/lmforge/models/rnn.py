@@ -44,6 +44,7 @@ class RNN(nn.Module):
         self.cell = cell
         self.bidirectional = bidirectional
         self.hidden_size = hidden_size * (2 if bidirectional else 1)  # width of what the heads see
+        self.embedding_size = embedding_size
         self.embeddings = nn.Embedding(vocab_size, embedding_size)
         self.dropout = nn.Dropout(dropout)
         self.rnn = CELLS[cell](
@@ -56,12 +57,19 @@ class RNN(nn.Module):
         )
         nn.init.normal_(self.embeddings.weight, std=0.1)
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Encode a batch.
 
         Args:
             input_ids: (B, T) token ids.
             attention_mask: (B, T), 1 for real tokens, 0 for padding (either side).
+            input_features: optional (B, T, embedding_size) added to the token embeddings (a tagger's
+                character features, say).
         Returns:
             (B, T, hidden_size) outputs of the last layer (both directions concatenated);
             zeros at padding positions.
@@ -72,7 +80,10 @@ class RNN(nn.Module):
         # packing expects, and put the outputs back where their tokens came from afterwards.
         order = torch.sort(1 - attention_mask.long(), dim=1, stable=True).indices
         lengths = attention_mask.sum(1).clamp(min=1).cpu()
-        x = self.dropout(self.embeddings(input_ids.gather(1, order)))
+        x = self.embeddings(input_ids)
+        if input_features is not None:
+            x = x + input_features
+        x = self.dropout(x.gather(1, order[..., None].expand_as(x)))
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         out, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=input_ids.shape[1])
         out = self.dropout(out)

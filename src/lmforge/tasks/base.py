@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
+from lmforge.errors import LmforgeError
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory, configure_optimization
 from lmforge.tasks.rng import capture_rng_state, restore_rng_state
+
+KIND_NAMES = {"encoder": "an encoder", "decoder": "a decoder", "rnn": "an RNN"}
 
 
 class TaskModule(pl.LightningModule):
@@ -17,10 +20,24 @@ class TaskModule(pl.LightningModule):
         scheduler: partial schedule, called with the optimizer and the total steps; or None.
     """
 
+    # The kinds of backbone (their ``kind`` attribute) this task can train.
+    backbone_kinds: tuple[str, ...] = ("encoder", "decoder", "rnn")
+
+    @classmethod
+    def check_backbone(cls, kind: str | None, model: str) -> None:
+        """Fail in one sentence when this task cannot train a backbone of this kind (before any data is read)."""
+        if kind not in cls.backbone_kinds:
+            wanted = " or ".join(KIND_NAMES[k] for k in cls.backbone_kinds)
+            raise LmforgeError(
+                f"{cls.__name__} needs {wanted} backbone; model {model} is {KIND_NAMES.get(kind, repr(kind))}."
+            )
+
     def __init__(self, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None):
         super().__init__()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        # Set by lmforge.compose.make_task: plain values (classes, characters per token) that rebuild the task.
+        self.data_arguments: dict = {}
 
     def log_train(self, loss: torch.Tensor) -> None:
         """Log the training loss and learning rate to the bar and the loggers.
@@ -33,8 +50,9 @@ class TaskModule(pl.LightningModule):
             self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the random generators so that a resumed run draws the same numbers."""
+        """Keep the random generators (a resumed run draws the same numbers) and what the task knows of its data."""
         checkpoint["rng_state"] = capture_rng_state()
+        checkpoint["data_arguments"] = self.data_arguments
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restore the random generators saved with the checkpoint."""

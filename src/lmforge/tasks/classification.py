@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
+from lmforge.data.tokenizers import pad_token_id
 from lmforge.errors import LmforgeError
 from lmforge.tasks.base import TaskModule
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
@@ -71,10 +73,7 @@ class ClassificationTask(TaskModule):
     ):
         super().__init__(optimizer, scheduler)
         kind = getattr(backbone, "kind", None)
-        if kind not in POOLINGS:
-            raise LmforgeError(
-                f"Classification needs an encoder, decoder or RNN backbone; {type(backbone).__name__} is '{kind}'."
-            )
+        self.check_backbone(kind, type(backbone).__name__)
         self.pooling = POOLINGS[kind][0] if pooling == "auto" else pooling
         if self.pooling not in POOLINGS[kind]:
             raise LmforgeError(f"pooling={pooling} does not suit a {kind}; use one of: {', '.join(POOLINGS[kind])}.")
@@ -102,6 +101,33 @@ class ClassificationTask(TaskModule):
         else:
             pooled = pool(hidden, attention_mask, self.pooling)
         return self.head(self.dropout(pooled))
+
+    @torch.no_grad()
+    def predict_texts(self, texts: list[str], tokenizer: Tokenizer, max_length: int = 512) -> list[dict]:
+        """Label raw texts: for each, the label, its probability and every class's probability."""
+        encodings = tokenizer.encode_batch(texts)
+        longest = min(max(len(e.ids) for e in encodings), max_length)
+        input_ids = torch.full((len(texts), longest), pad_token_id(tokenizer), dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for i, encoding in enumerate(encodings):
+            ids = encoding.ids[:longest]
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            mask[i, : len(ids)] = 1
+        device = self.head.weight.device
+        probabilities = self(input_ids.to(device), mask.to(device)).softmax(-1).cpu()
+        names = self.label_names or [str(i) for i in range(probabilities.shape[1])]
+        results = []
+        for text, row in zip(texts, probabilities.tolist(), strict=True):
+            best = max(range(len(row)), key=row.__getitem__)
+            results.append(
+                {
+                    "text": text,
+                    "label": names[best],
+                    "probability": round(row[best], 4),
+                    "probabilities": {name: round(p, 4) for name, p in zip(names, row, strict=True)},
+                }
+            )
+        return results
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Cross-entropy of one batch."""

@@ -11,7 +11,6 @@ from tokenizers import Tokenizer
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lmforge.errors import LmforgeError
 from lmforge.generation import generate
 from lmforge.tasks.base import TaskModule
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
@@ -36,6 +35,8 @@ class LanguageModelingTask(TaskModule):
         sample_temperature, sample_top_k: sampling settings for the samples.
     """
 
+    backbone_kinds = ("decoder",)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -51,11 +52,7 @@ class LanguageModelingTask(TaskModule):
         sample_top_k: int | None = 200,
     ):
         super().__init__(optimizer, scheduler)
-        if getattr(backbone, "kind", None) != "decoder":
-            raise LmforgeError(
-                f"Language modelling needs a decoder backbone; {type(backbone).__name__} is "
-                f"'{getattr(backbone, 'kind', 'unknown')}'."
-            )
+        self.check_backbone(getattr(backbone, "kind", None), type(backbone).__name__)
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.chars_per_token = chars_per_token or {}

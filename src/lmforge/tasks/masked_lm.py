@@ -79,6 +79,8 @@ class MaskedLanguageModelingTask(TaskModule):
         chars_per_token: unused; the language-modelling data hands it to every task.
     """
 
+    backbone_kinds = ("encoder",)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -89,12 +91,7 @@ class MaskedLanguageModelingTask(TaskModule):
         chars_per_token: dict[str, float] | None = None,
     ):
         super().__init__(optimizer, scheduler)
-        kind = getattr(backbone, "kind", "unknown")
-        if kind != "encoder":
-            raise LmforgeError(
-                f"Masked language modelling needs an encoder backbone (model=bert-*); {type(backbone).__name__} is "
-                f"'{kind}'."
-            )
+        self.check_backbone(getattr(backbone, "kind", None), type(backbone).__name__)
         specials = {t: tokenizer.token_to_id(t) if tokenizer else None for t in ("[MASK]", "[CLS]", "[SEP]")}
         if None in specials.values():
             raise LmforgeError(

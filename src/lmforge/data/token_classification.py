@@ -1,0 +1,162 @@
+"""Token classification data: words split into sub-tokens, each word's tag on its first sub-token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+from tokenizers import Encoding, Tokenizer
+from torch.utils.data import DataLoader
+
+from lmforge.data.tokenizers import pad_token_id
+
+IGNORE = -100  # label of positions without a loss: later sub-tokens, special tokens, padding
+
+
+@dataclass
+class TaggedExample:
+    """One encoded sentence.
+
+    ``labels`` has one entry per token (the word's tag on its first sub-token, ``IGNORE`` elsewhere);
+    ``word_positions`` one per word (the index of its first sub-token, -1 when truncation or the
+    normaliser left it no token); ``chars`` the UTF-8 bytes (+1; 0 is padding) of each token's text.
+    """
+
+    ids: list[int]
+    labels: list[int]
+    word_positions: list[int]
+    word_tags: list[int]
+    chars: list[list[int]]
+
+
+def align_tags(encoding: Encoding, words: list[str], tags: list[int], max_chars: int) -> TaggedExample:
+    """Put each word's tag on the first token it was split into; ``IGNORE`` on every other token."""
+    labels = [IGNORE] * len(encoding.ids)
+    positions = [-1] * len(words)
+    chars = []
+    for i, (word, (start, end)) in enumerate(zip(encoding.word_ids, encoding.offsets)):
+        if word is None:  # [CLS], [SEP]
+            chars.append([])
+            continue
+        if positions[word] < 0:
+            positions[word] = i
+            labels[i] = tags[word]
+        # Offsets of pre-tokenized input are within the word, and in the original (cased) text.
+        chars.append([b + 1 for b in words[word][start:end].encode("utf-8")[:max_chars]])
+    return TaggedExample(encoding.ids, labels, positions, list(tags), chars)
+
+
+class TokenClassificationDataModule(pl.LightningDataModule):
+    """Batches for tagging: ``input_ids``, ``attention_mask``, ``labels`` (B, T); ``word_positions``,
+    ``word_tags`` (B, W) to read predictions back per word; ``char_ids`` (B, T, C) for character features.
+
+    Args:
+        texts: split -> {"tokens": [[word, ...]], "tags": [[tag index, ...]]}
+            (from :class:`lmforge.data.tagging.TaggedSentences`).
+        tokenizer: the run's tokenizer; words are encoded pre-tokenized, so a word never merges with its
+            neighbours (it may still split, "1996-08-22" into five tokens).
+        tag_names: the tags in index order.
+        max_length: longest tokenized sentence; the words past it get no prediction (scored as ``O``).
+        batch_size: sentences per training batch.
+        eval_batch_size: sentences per validation and test batch (None: ``batch_size``); larger ones let
+            ``trainer.limit_val_batches`` cover the whole validation split.
+        max_token_chars: bytes of each token kept for character features.
+        seed: seed of the training order.
+        num_workers: DataLoader worker processes.
+        cache_dir: unused; accepted so every DataModule is built alike.
+    """
+
+    size_unit = "sentences"
+
+    def __init__(
+        self,
+        texts: dict[str, dict[str, list]],
+        tokenizer: Tokenizer,
+        tag_names: list[str],
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        max_token_chars: int = 20,
+        seed: int = 0,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.block_size = max_length
+        self.seed = seed
+        self.num_workers = num_workers
+        self.tag_names = list(tag_names)
+        self.pad_id = pad_token_id(tokenizer)
+        tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: truncation is set on it
+        tokenizer.enable_truncation(max_length)
+        self.examples = {}
+        for split, data in texts.items():
+            encodings = tokenizer.encode_batch(data["tokens"], is_pretokenized=True)
+            self.examples[split] = [
+                align_tags(encoding, words, tags, max_token_chars)
+                for encoding, words, tags in zip(encodings, data["tokens"], data["tags"], strict=True)
+            ]
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        """Number of sentences in each split."""
+        return {split: len(examples) for split, examples in self.examples.items()}
+
+    @property
+    def has_test_split(self) -> bool:
+        """Whether tagged test data exists."""
+        return "test" in self.examples
+
+    def task_arguments(self) -> dict:
+        """What the task needs to know about the data: the tags."""
+        return {"num_tags": len(self.tag_names), "tag_names": self.tag_names}
+
+    def collate(self, batch: list[TaggedExample]) -> dict[str, torch.Tensor]:
+        """Pad a list of sentences (right padding) to the longest in the batch."""
+        B = len(batch)
+        T = max(len(e.ids) for e in batch)
+        W = max(max(len(e.word_tags) for e in batch), 1)
+        C = max(max((len(c) for e in batch for c in e.chars), default=1), 1)
+        out = {
+            "input_ids": torch.full((B, T), self.pad_id, dtype=torch.long),
+            "attention_mask": torch.zeros((B, T), dtype=torch.long),
+            "labels": torch.full((B, T), IGNORE, dtype=torch.long),
+            "word_positions": torch.full((B, W), -1, dtype=torch.long),
+            "word_tags": torch.full((B, W), IGNORE, dtype=torch.long),
+            "char_ids": torch.zeros((B, T, C), dtype=torch.long),
+        }
+        for i, e in enumerate(batch):
+            n, w = len(e.ids), len(e.word_tags)
+            out["input_ids"][i, :n] = torch.tensor(e.ids)
+            out["attention_mask"][i, :n] = 1
+            out["labels"][i, :n] = torch.tensor(e.labels)
+            out["word_positions"][i, :w] = torch.tensor(e.word_positions)
+            out["word_tags"][i, :w] = torch.tensor(e.word_tags)
+            for t, chars in enumerate(e.chars):
+                out["char_ids"][i, t, : len(chars)] = torch.tensor(chars, dtype=torch.long)
+        return out
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.examples[split],
+            batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training sentences."""
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation sentences in file order."""
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test sentences in file order."""
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,189 @@
+"""Token classification (named entities, chunks) on any backbone: a tag per word, read from its first sub-token.
+
+Encoders see the whole sentence; RNNs read it both ways; a decoder sees only the words to the
+left, which works but tags worse. An optional CRF scores whole tag sequences, and RNNs can add
+spelling features (a character CNN, casing) to their word embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+
+from lmforge.data.token_classification import IGNORE
+from lmforge.errors import LmforgeError
+from lmforge.models.char_features import CharFeatures
+from lmforge.models.crf import LinearChainCRF
+from lmforge.tasks.base import TaskModule
+from lmforge.tasks.entity_metrics import EntityScores
+from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
+
+log = logging.getLogger(__name__)
+
+KINDS = ("encoder", "decoder", "rnn")
+
+
+def compact(values: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Move the kept positions of each row to its front, in order (a CRF runs over words, not sub-tokens).
+
+    Args:
+        values: (B, T, ...) per-position values.
+        keep: (B, T) bool, the positions to keep.
+    Returns:
+        (B, N, ...) the kept values (N: the most kept in a row), (B, N) the mask of real entries,
+        (B, N) the position each entry came from.
+    """
+    order = torch.sort((~keep).long(), dim=1, stable=True).indices
+    counts = keep.sum(1)
+    n = max(int(counts.max()), 1)
+    order = order[:, :n]
+    mask = torch.arange(n, device=keep.device) < counts[:, None]
+    index = order.view(*order.shape, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
+    return values.gather(1, index), mask, order
+
+
+def first_subtokens(word_positions: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, W) position of each word's first token (-1: none) -> (B, T) bool, True at those positions."""
+    found = word_positions >= 0
+    marks = torch.zeros(word_positions.shape[0], length, dtype=torch.long, device=word_positions.device)
+    return marks.scatter_add(1, word_positions.clamp(min=0), found.long()) > 0
+
+
+class TokenClassificationTask(TaskModule):
+    """A linear tag head on every position of a backbone, trained with cross-entropy or a CRF.
+
+    The loss sees each word's first sub-token only (``labels`` is ``IGNORE`` elsewhere); the metrics
+    (entity precision, recall, F1 through seqeval) score every word of every sentence, a word that
+    truncation cut off counting as ``O``.
+
+    Args:
+        backbone: an encoder, decoder or RNN with ``hidden_states(input_ids, attention_mask)`` and ``hidden_size``.
+        num_tags: number of tags (from the data).
+        optimizer: partial optimizer, called with the parameter groups.
+        scheduler: partial schedule, or None.
+        tag_names: tag names in index order (IOB2: ``O``, ``B-PER``, ...); None names them by number.
+        dropout: dropout before the head.
+        crf: score tag sequences with a linear-chain CRF (Viterbi decoding) instead of per-word softmax.
+        char_filters: channels of a character CNN whose features are added to an RNN's word embeddings (0: none).
+        char_embedding_size: width of the byte embeddings of the character CNN.
+        casing_size: width of a casing-class embedding added likewise (0: none).
+        tokenizer: unused; accepted so every task is built alike.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_tags: int,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        tag_names: list[str] | None = None,
+        dropout: float = 0.1,
+        crf: bool = False,
+        char_filters: int = 0,
+        char_embedding_size: int = 30,
+        casing_size: int = 0,
+        tokenizer=None,
+    ):
+        super().__init__(optimizer, scheduler)
+        kind = getattr(backbone, "kind", None)
+        if kind not in KINDS:
+            raise LmforgeError(
+                f"Token classification needs an encoder, decoder or RNN backbone; {type(backbone).__name__} is '{kind}'."
+            )
+        if (char_filters or casing_size) and kind != "rnn":
+            raise LmforgeError(
+                f"Character and casing features (task.module.char_filters, casing_size) feed an RNN's word "
+                f"embeddings; {type(backbone).__name__} is '{kind}', so set them to 0 or use model=lstm."
+            )
+        if kind == "decoder":
+            log.info("token classification with a decoder: each word is tagged from the words before it only")
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(backbone.hidden_size, num_tags)
+        self.crf = LinearChainCRF(num_tags) if crf else None
+        self.spelling = (
+            CharFeatures(backbone.embedding_size, char_embedding_size, char_filters, casing_size=casing_size)
+            if char_filters or casing_size
+            else None
+        )
+        self.tag_names = list(tag_names) if tag_names else [str(i) for i in range(num_tags)]
+        self.outside = self.tag_names.index("O") if "O" in self.tag_names else 0
+        self.val_scores = EntityScores(self.tag_names)
+        self.test_scores = EntityScores(self.tag_names)
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, char_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, T) ids and mask (and (B, T, C) bytes for spelling features) -> (B, T, num_tags) tag scores."""
+        if self.spelling is not None:
+            hidden = self.backbone.hidden_states(input_ids, attention_mask, input_features=self.spelling(char_ids))
+        else:
+            hidden = self.backbone.hidden_states(input_ids, attention_mask)
+        return self.head(self.dropout(hidden))
+
+    def _scores(self, batch: dict) -> torch.Tensor:
+        return self(batch["input_ids"], batch["attention_mask"], batch.get("char_ids"))
+
+    def loss(self, emissions: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Mean loss per labelled word (cross-entropy, or the CRF's negative log-likelihood), and the word count."""
+        keep = labels != IGNORE
+        words = int(keep.sum())
+        if self.crf is None:
+            return F.cross_entropy(emissions.flatten(0, 1), labels.flatten(), ignore_index=IGNORE), words
+        scores, mask, order = compact(emissions, keep)
+        nll = -self.crf.log_likelihood(scores, labels.gather(1, order), mask).sum()
+        return nll / max(words, 1), words
+
+    def predict_words(self, emissions: torch.Tensor, word_positions: torch.Tensor) -> torch.Tensor:
+        """The tag of every word, from its first sub-token: (B, T, K), (B, W) -> (B, W); ``O`` for a word with no token."""
+        if self.crf is None:
+            tokens = emissions.argmax(-1)
+        else:
+            scores, mask, order = compact(emissions, first_subtokens(word_positions, emissions.shape[1]))
+            tokens = torch.zeros(emissions.shape[:2], dtype=torch.long, device=emissions.device)
+            tokens.scatter_(1, order, self.crf.decode(scores, mask))
+        words = tokens.gather(1, word_positions.clamp(min=0))
+        return words.masked_fill(word_positions < 0, self.outside)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """The loss of one batch."""
+        loss, _ = self.loss(self._scores(batch), batch["labels"])
+        self.log_train(loss)
+        return loss
+
+    def _evaluate(self, batch: dict, scores: EntityScores, mean_loss: MeanMetric) -> None:
+        emissions = self._scores(batch)
+        loss, words = self.loss(emissions, batch["labels"])
+        mean_loss.update(loss, weight=max(words, 1))
+        preds = self.predict_words(emissions, batch["word_positions"]).tolist()
+        target = batch["word_tags"].tolist()
+        lengths = (batch["word_tags"] != IGNORE).sum(1).tolist()
+        scores.update([p[:n] for p, n in zip(preds, lengths)], [t[:n] for t, n in zip(target, lengths)])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Accumulate the loss and the entity counts."""
+        self._evaluate(batch, self.val_scores, self.val_loss)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """Accumulate the loss and the entity counts."""
+        self._evaluate(batch, self.test_scores, self.test_loss)
+
+    def _log_epoch(self, prefix: str, scores: EntityScores, mean_loss: MeanMetric) -> None:
+        self.log(f"{prefix}/loss", mean_loss.compute(), prog_bar=prefix == "val")
+        self.log_dict({f"{prefix}/{k}": v for k, v in scores.compute().items()}, prog_bar=prefix == "val")
+        mean_loss.reset()
+        scores.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        """Log validation loss and entity precision, recall, F1."""
+        self._log_epoch("val", self.val_scores, self.val_loss)
+
+    def on_test_epoch_end(self) -> None:
+        """Log test loss and entity precision, recall, F1."""
+        self._log_epoch("test", self.test_scores, self.test_loss)
