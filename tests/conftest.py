@@ -45,6 +45,12 @@ def make_cfg(overrides: list[str], output_root: Path, data_dir: str | None = DAT
     return cfg
 
 
+def entry_cfg(name: str, overrides: list[str]) -> DictConfig:
+    """Compose another entry point's config (``generate``, ``evaluate``, ``predict``) as its command would."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
 @pytest.fixture
 def cfg_factory(tmp_path):
     """Compose a config whose outputs land in this test's temporary folder."""
@@ -87,3 +93,15 @@ class CrashAtStep:
                     raise SimulatedCrash(f"crash at step {step}")
 
         return _Crash()
+
+
+@pytest.fixture(scope="session")
+def sst2_run(tmp_path_factory):
+    """A short real SST-2 run (BiLSTM, 300 steps), trained once for every test that needs one."""
+    from lmforge.training import run_training
+
+    if not DATA_DIR:
+        pytest.skip("needs the local data mirror (LMFORGE_DATA)")
+    overrides = ["experiment=sst2-lstm", "logger=none", "trainer.max_steps=300", "trainer.val_check_interval=150",
+                 "trainer.limit_test_batches=5"]  # fmt: skip
+    return run_training(make_cfg(overrides, tmp_path_factory.mktemp("sst2")))

@@ -1,5 +1,6 @@
 """Encoders, decoders and RNN-free classification on SST-2."""
 
+import csv
 import functools
 from pathlib import Path
 
@@ -90,3 +91,39 @@ def test_sst2_accuracy_rises_above_chance(cfg_factory, model):
                                        "optimizer.lr=1e-3", "test_after_fit=false"]))  # fmt: skip
     assert record["metrics"]["val/acc"] > 0.62, record["metrics"]
     assert record["metrics"]["val/loss"] < 0.69  # below the loss of guessing
+
+
+def test_accuracy_and_macro_f1_equal_scikit_learn():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    torch.manual_seed(0)
+    backbone = GPT(vocab_size=30, n_layer=1, n_head=2, n_embd=16, n_positions=16)
+    task = ClassificationTask(backbone, num_classes=3, optimizer=functools.partial(torch.optim.AdamW))
+    logits, labels = torch.randn(200, 3), torch.randint(0, 3, (200,))
+    labels[:150] = logits[:150].argmax(-1)  # better than chance, so the two scores differ
+    task.val_metrics.update(logits[:120], labels[:120])  # in two batches, as validation does
+    task.val_metrics.update(logits[120:], labels[120:])
+    scores = task.val_metrics.compute()
+    predicted = logits.argmax(-1).numpy()
+    assert scores["val/acc"].item() == pytest.approx(sklearn_metrics.accuracy_score(labels, predicted))
+    assert scores["val/f1"].item() == pytest.approx(sklearn_metrics.f1_score(labels, predicted, average="macro"))
+
+
+@requires_data
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gpt2-tiny", "bert-tiny", "lstm", "gru"])
+def test_every_backbone_learns_sst2(cfg_factory, model):
+    # One real batch, repeated: the loss must fall from ln(2) (chance) to near zero whatever the backbone.
+    small = {"gpt2-tiny": ["model.n_layer=1", "model.n_embd=32"], "bert-tiny": ["model.n_layer=1"],
+             "lstm": ["model.hidden_size=32"], "gru": ["model.hidden_size=32"]}[model]  # fmt: skip
+    record = run_training(cfg_factory([f"model={model}", "task=sst2", "debug=overfit", "trainer.max_steps=60",
+                                       "logger=none", "test_after_fit=false", *small]))  # fmt: skip
+    losses = [float(r["train/loss"]) for r in csv.DictReader(Path(record["run_dir"], "csv", "metrics.csv").read_text().splitlines())
+              if r.get("train/loss")]  # fmt: skip
+    assert min(losses) < 0.1, losses  # (post-LayerNorm BERT spikes now and then at this rate)
+
+
+def test_a_task_that_cannot_use_the_model_stops_before_reading_data(cfg_factory):
+    with pytest.raises(
+        LmforgeError, match="MaskedLanguageModelingTask needs an encoder backbone; model lstm is an RNN"
+    ):
+        run_training(cfg_factory(["model=lstm", "task=mlm"], data_dir="/nonexistent"))

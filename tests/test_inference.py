@@ -4,10 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from conftest import TINY
-from lmforge.cli import CONF_DIR
+from conftest import TINY, entry_cfg
 from lmforge.errors import LmforgeError
 from lmforge.inference import evaluate_run, generate_from_run
 from lmforge.training import run_training
@@ -18,11 +16,6 @@ def trained_run(tmp_path_factory):
     from conftest import make_cfg
 
     return run_training(make_cfg(TINY, tmp_path_factory.mktemp("outputs")))
-
-
-def entry_cfg(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
 
 
 def test_generate_is_seeded_and_the_kv_cache_changes_nothing(trained_run, capsys):
