@@ -8,16 +8,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, SimulatedCrash, run_cli
+from conftest import TINY, SimulatedCrash, requires_data, run_cli
 from lmforge.errors import LmforgeError
 from lmforge.training import run_training
 
 SPLIT = [*TINY, "trainer.max_steps=8", "trainer.val_check_interval=4", "model.dropout=0.1"]
 
 
-def test_crash_then_resume_ends_where_an_uninterrupted_run_ends(cfg_factory):
-    straight = run_training(cfg_factory(SPLIT))
-    crashing = cfg_factory([*SPLIT, "callbacks.last_checkpoint.every_n_train_steps=2",
+# The same, for classification: a GRU on SST-2 (dropout on, so the random state must be restored too).
+SPLIT_CLASSIFICATION = ["model=gru", "task=sst2", "model.hidden_size=16", "model.embedding_size=16", "logger=none",
+                        "trainer.max_steps=8", "trainer.val_check_interval=4", "trainer.limit_val_batches=2",
+                        "trainer.log_every_n_steps=1", "test_after_fit=false"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "split", [SPLIT, pytest.param(SPLIT_CLASSIFICATION, marks=requires_data)], ids=["language-model", "classifier"]
+)
+def test_crash_then_resume_ends_where_an_uninterrupted_run_ends(cfg_factory, split):
+    straight = run_training(cfg_factory(split))
+    crashing = cfg_factory([*split, "callbacks.last_checkpoint.every_n_train_steps=2",
                             "+callbacks.crash._target_=conftest.CrashAtStep", "+callbacks.crash.step=5"])  # fmt: skip
     with pytest.raises(SimulatedCrash):
         run_training(crashing)

@@ -7,6 +7,7 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
+from lmforge.data.datamodules import resumable_sampler
 from lmforge.data.tokenizers import pad_token_id
 
 
@@ -78,24 +79,25 @@ class ClassificationDataModule(pl.LightningDataModule):
         labels = torch.tensor([label for _, label in batch])
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, sampler=None) -> DataLoader:
         return DataLoader(
             self.examples[split],
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             collate_fn=self.collate,
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training examples."""
-        return self._loader("train", shuffle=True)
+        """Shuffled training examples; after a resume, the epoch continues where the checkpoint left it."""
+        sampler = resumable_sampler(len(self.examples["train"]), self.seed, self.batch_size, self.trainer)
+        return self._loader("train", sampler)
 
     def val_dataloader(self) -> DataLoader:
         """Validation examples in file order."""
-        return self._loader("validation", shuffle=False)
+        return self._loader("validation")
 
     def test_dataloader(self) -> DataLoader:
         """Test examples in file order."""
-        return self._loader("test", shuffle=False)
+        return self._loader("test")

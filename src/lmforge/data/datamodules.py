@@ -68,6 +68,19 @@ class ResumableShuffleSampler(Sampler[int]):
         return self.length
 
 
+def resumable_sampler(length: int, seed: int, batch_size: int, trainer: pl.Trainer | None) -> ResumableShuffleSampler:
+    """The training sampler; after a resume it skips what the checkpointed epoch already trained on.
+
+    Call it from ``train_dataloader``, which Lightning calls after restoring its loop counters.
+    """
+    sampler = ResumableShuffleSampler(length, seed)
+    if trainer is not None:
+        # "processed": a checkpoint written in on_train_batch_end has not counted that batch as completed yet.
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        sampler.skip = progress.processed * batch_size * trainer.world_size
+    return sampler
+
+
 class LanguageModelingDataModule(pl.LightningDataModule):
     """Causal language modelling on one long token stream per split.
 
@@ -84,6 +97,8 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         cache_dir: where token ids are cached, keyed by text and tokenizer.
         num_workers: DataLoader worker processes.
     """
+
+    size_unit = "tokens"
 
     def __init__(
         self,
@@ -130,8 +145,6 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         """What the task needs to know about the data: characters per token, for bits per character."""
         return {"chars_per_token": self.chars_per_token}
 
-    size_unit = "tokens"
-
     @property
     def split_sizes(self) -> dict[str, int]:
         """Number of tokens in each split."""
@@ -156,15 +169,10 @@ class LanguageModelingDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled training windows; after a resume, the epoch continues where the checkpoint left it."""
         windows = self._windows("train", self.train_stride)
-        sampler = ResumableShuffleSampler(len(windows), self.seed)
-        if self.trainer is not None:  # called after Lightning restored the loop counters
-            # "processed": a checkpoint written in on_train_batch_end has not counted that batch as completed yet.
-            progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-            sampler.skip = progress.processed * self.batch_size * self.trainer.world_size
         return DataLoader(
             windows,
             batch_size=self.batch_size,
-            sampler=sampler,
+            sampler=resumable_sampler(len(windows), self.seed, self.batch_size, self.trainer),
             drop_last=True,
             num_workers=self.num_workers,
             generator=self._loader_generator(),

@@ -1,0 +1,83 @@
+"""SST-2 validation accuracy and wall time for every backbone, trained from scratch on this machine.
+
+Each recipe is a `python train.py ...` command, run one after the other (never two at once:
+they would fight over the cores), timed from start to exit. The script prints a table of
+steps, wall time, validation accuracy of the best checkpoint (chosen on validation accuracy,
+as every SST-2 run does) and of the last step, and the unofficial test accuracy.
+
+    python benchmarks/sst2.py                       # every recipe, seed 1337
+    python benchmarks/sst2.py --only lstm gru --seeds 1 2 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name -> overrides of `python train.py`. Stage runs (pretrain-finetune) report the fine-tuning stage
+# with the wall time of both stages.
+RECIPES = {
+    "lstm": ["experiment=sst2-lstm"],
+    "gru": ["experiment=sst2-lstm", "model=gru"],
+    "gpt2-tiny": ["experiment=sst2-lstm", "model=gpt2-tiny", "tokenizer=word", "model.dropout=0.1",
+                  "optimizer.lr=1e-3", "trainer.max_steps=2000"],
+    "bert-mini": ["experiment=sst2-lstm", "model=bert-mini", "task.module.pooling=mean", "model.dropout=0.1",
+                  "optimizer.lr=5e-4", "trainer.max_steps=2000"],
+    "bert-mini-pretrained": ["experiment=sst2-pretrain-finetune"],
+}  # fmt: skip
+
+
+def run(name: str, seed: int, output_root: Path) -> dict:
+    """Train one recipe; return its (last) results record with the whole command's wall time."""
+    cmd = [sys.executable, str(REPO / "train.py"), *RECIPES[name], f"seed={seed}", "logger=none",
+           f"paths.output_root={output_root}"]  # fmt: skip
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+    wall = time.perf_counter() - start
+    records = [json.loads(line) for line in (output_root / "results.jsonl").read_text().splitlines()]
+    record = records[-1]
+    last = [float(r["val/acc"]) for r in _csv_rows(Path(record["run_dir"])) if r.get("val/acc")][-1]
+    return {"name": name, "seed": seed, "wall_s": wall, "stages": len(records), "last_val_acc": last, **record}
+
+
+def _csv_rows(run_dir: Path) -> list[dict]:
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def main() -> None:
+    """Run the chosen recipes and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=sorted(RECIPES), help="recipes to run (default: all)")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[1337])
+    args = parser.parse_args()
+    rows = []
+    for name in args.only or list(RECIPES):
+        for seed in args.seeds:
+            with tempfile.TemporaryDirectory() as tmp:
+                rows.append(run(name, seed, Path(tmp)))
+            r = rows[-1]
+            print(f"done: {name} seed {seed}: {r['wall_s']:.0f} s, best val acc {r['metrics']['best_val/acc']:.4f}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    print(f"{'recipe':<22}{'seed':>6}{'steps':>7}{'wall s':>8}{'val acc (best)':>16}{'val acc (last)':>16}"
+          f"{'test acc*':>11}")  # fmt: skip
+    for r in rows:
+        m = r["metrics"]
+        print(f"{r['name']:<22}{r['seed']:>6}{r['steps']:>7}{r['wall_s']:>8.0f}{m['best_val/acc']:>16.4f}"
+              f"{r['last_val_acc']:>16.4f}{m.get('test/acc', float('nan')):>11.4f}")  # fmt: skip
+    print("* test_labeled.tsv: labels recovered by third parties, not the official GLUE test; best checkpoint.")
+
+
+if __name__ == "__main__":
+    main()
