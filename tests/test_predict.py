@@ -9,12 +9,12 @@ import pytest
 
 from conftest import TINY, entry_cfg, make_cfg, requires_data
 from lmforge.errors import LmforgeError
-from lmforge.inference import predict_from_run
+from lmforge.inference import evaluate_run, predict_from_run
 
 pytestmark = [requires_data, pytest.mark.slow]
 
 
-def test_short_sst2_run_is_well_above_chance_and_saves_its_confusion_matrix(sst2_run):
+def test_a_short_sst2_run_is_well_above_chance_and_saves_its_confusion_matrix(sst2_run):
     assert sst2_run["metrics"]["best_val/acc"] > 0.75, sst2_run["metrics"]
     assert (Path(sst2_run["run_dir"]) / "confusion_matrix.png").stat().st_size > 1000
 
@@ -55,3 +55,11 @@ def test_predict_refuses_a_language_model_and_needs_a_run(tmp_path):
     missing = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1
     assert missing.stderr.startswith("error: Say which run and what to label: lmforge-predict run=<run dir>")
+
+
+def test_evaluate_reproduces_the_test_accuracy_of_training(sst2_run):
+    (Path(sst2_run["run_dir"]) / "confusion_matrix.png").unlink()
+    record = evaluate_run(entry_cfg("evaluate", [f"run={sst2_run['run_dir']}", "limit_batches=5"]))
+    assert record["split"] == "test"
+    assert record["metrics"]["test/acc"] == pytest.approx(sst2_run["metrics"]["test/acc"], abs=1e-6)
+    assert (Path(sst2_run["run_dir"]) / "confusion_matrix.png").is_file()  # written into the run dir again

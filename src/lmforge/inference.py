@@ -77,7 +77,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.data_dir:
             saved.paths.data_dir = cfg.data_dir
     _, datamodule = build_data(saved, run.tokenizer, required=(cfg.split,) if cfg.split else ())
-    split = cfg.split or ("test" if "test" in datamodule.ids else "validation")
+    split = cfg.split or ("test" if datamodule.has_test_split else "validation")
     if split not in ("test", "validation"):
         raise LmforgeError(f"split={split} is not one lmforge-evaluate scores; use split=test or split=validation.")
     no_samples = {"num_samples": 0} if "num_samples" in saved.task.module else {}
@@ -85,6 +85,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     task.load_state_dict(load_checkpoint(run.checkpoint)["state_dict"])  # the head too, not only the backbone
     limit = cfg.limit_batches if cfg.limit_batches is not None else 1.0
     trainer = pl.Trainer(
+        default_root_dir=run.run_dir,  # where the task writes its reports (the confusion matrix)
         accelerator="gpu" if _device(cfg.device).type == "cuda" else "cpu",
         devices=1,
         precision=cfg.precision,

@@ -53,8 +53,8 @@ class ClassificationTask(TaskModule):
         num_classes: number of labels (from the data).
         optimizer: partial optimizer, called with the parameter groups.
         scheduler: partial schedule, or None.
-        pooling: ``auto`` (encoder: cls, decoder: last, RNN: max), ``cls``, ``mean``, ``max``, ``last``,
-            or ``final`` (an RNN's final states).
+        pooling: ``auto`` (encoder: cls, decoder: last, RNN: max), ``cls`` (through BERT's pooler),
+            ``mean``, ``max``, ``last``, or ``final`` (an RNN's final states).
         dropout: dropout before the head.
         label_names: class names, for reports.
         tokenizer: unused; accepted so every task is built alike.
@@ -78,6 +78,11 @@ class ClassificationTask(TaskModule):
         if self.pooling not in POOLINGS[kind]:
             raise LmforgeError(f"pooling={pooling} does not suit a {kind}; use one of: {', '.join(POOLINGS[kind])}.")
         self.backbone = backbone
+        # BERT classifies from its pooler (tanh(dense([CLS]))); other poolings leave the pooler out of
+        # training altogether (frozen), since DDP fails on parameters that never get a gradient.
+        self.use_pooler = self.pooling == "cls" and hasattr(backbone, "pooler")
+        if hasattr(backbone, "pooler") and not self.use_pooler:
+            backbone.pooler.requires_grad_(False)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(backbone.hidden_size, num_classes)
         self.label_names = label_names
@@ -98,6 +103,8 @@ class ClassificationTask(TaskModule):
         hidden = self.backbone.hidden_states(input_ids, attention_mask)
         if self.pooling == "final":
             pooled = self.backbone.final_states(hidden, attention_mask)
+        elif self.use_pooler:
+            pooled = self.backbone.pooler(hidden)
         else:
             pooled = pool(hidden, attention_mask, self.pooling)
         return self.head(self.dropout(pooled))

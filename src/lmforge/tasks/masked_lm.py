@@ -101,6 +101,8 @@ class MaskedLanguageModelingTask(TaskModule):
         self.vocab_size = tokenizer.get_vocab_size()
         self.mask_probability = mask_probability
         self.backbone = backbone
+        if hasattr(backbone, "pooler"):  # BERT's pooler serves classification only; DDP fails on unused parameters
+            backbone.pooler.requires_grad_(False)
         self.head = MaskedLMHead(backbone.word_embeddings)
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
