@@ -10,11 +10,15 @@ from lmforge.errors import LmforgeError
 def test_unknown_group_choice_lists_the_names_that_exist():
     with pytest.raises(
         LmforgeError,
-        match=r"^Unknown model 'gtp2'; choose one of: bert-base, bert-mini, bert-tiny, gpt2, gpt2-mini, gpt2-tiny\.$",
+        match=r"^Unknown model 'gtp2'; choose one of: bert-base, bert-mini, bert-tiny, gpt2, gpt2-mini, gpt2-tiny, gru, lstm\.$",
     ):
         check_group_choices(["model=gtp2"])
     with pytest.raises(LmforgeError, match="Unknown task 'nope'"):
         check_group_choices(["-m", "task=tinyshakespeare,nope"])
+    with pytest.raises(
+        LmforgeError, match=r"^Unknown task/source 'wiki'; choose one of: sst2-pretrain, tinyshakespeare, wikitext2\.$"
+    ):
+        check_group_choices(["task=mlm", "task/source=wiki"])
     check_group_choices(["model=gpt2-tiny", "task=tinyshakespeare", "optimizer.lr=1e-3", "debug=null"])
     assert "shakespeare-char" in config_choices("experiment")
 
@@ -24,7 +28,7 @@ def test_cli_unknown_model_is_one_line_and_exit_1():
     assert result.returncode == 1
     assert (
         result.stderr.strip()
-        == "error: Unknown model 'gtp2'; choose one of: bert-base, bert-mini, bert-tiny, gpt2, gpt2-mini, gpt2-tiny."
+        == "error: Unknown model 'gtp2'; choose one of: bert-base, bert-mini, bert-tiny, gpt2, gpt2-mini, gpt2-tiny, gru, lstm."
     )
     assert "Traceback" not in result.stderr + result.stdout
 
