@@ -23,13 +23,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 # name -> overrides of `python train.py`. Stage runs (pretrain-finetune) report the fine-tuning stage
 # with the wall time of both stages.
+# The recipe of experiment=sst2-lstm (batch 64, linear decay, validation on the whole split) without its LSTM keys.
+TRANSFORMER = [
+    "task=sst2",
+    "scheduler=linear",
+    "scheduler.warmup_steps=100",
+    "optimizer.betas=[0.9,0.999]",
+    "optimizer.weight_decay=0.01",
+    "task.data.batch_size=64",
+    "trainer.val_check_interval=250",
+    "trainer.limit_val_batches=1.0",
+    "trainer.max_steps=1500",
+]
 RECIPES = {
     "lstm": ["experiment=sst2-lstm"],
     "gru": ["experiment=sst2-lstm", "model=gru"],
-    "gpt2-tiny": ["experiment=sst2-lstm", "model=gpt2-tiny", "tokenizer=word", "model.dropout=0.1",
-                  "optimizer.lr=1e-3", "trainer.max_steps=2000"],
-    "bert-mini": ["experiment=sst2-lstm", "model=bert-mini", "task.module.pooling=mean", "model.dropout=0.1",
-                  "optimizer.lr=5e-4", "trainer.max_steps=2000"],
+    "gpt2-tiny": [*TRANSFORMER, "model=gpt2-tiny", "tokenizer=word", "model.dropout=0.1", "optimizer.lr=1e-3"],
+    "bert-mini": [*TRANSFORMER, "model=bert-mini", "task.module.pooling=mean", "optimizer.lr=5e-4"],
     "bert-mini-pretrained": ["experiment=sst2-pretrain-finetune"],
 }  # fmt: skip
 

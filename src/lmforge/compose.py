@@ -52,7 +52,10 @@ def _instantiate_reporting(node: DictConfig, **kwargs: Any) -> Any:
 
 def build_backbone(model_cfg: DictConfig, vocab_size: int) -> nn.Module:
     """Instantiate a backbone from its ``model=`` config for a tokenizer's vocabulary size."""
-    return instantiate(_without(model_cfg, "name"), vocab_size=vocab_size)
+    try:
+        return instantiate(_without(model_cfg, "name"), vocab_size=vocab_size)
+    except InstantiationException as err:  # a key this model does not take, a value it refuses
+        raise LmforgeError(f"Model {model_cfg.get('name')} cannot be built from its config: {err.__cause__}.") from err
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
