@@ -37,7 +37,7 @@ TRANSFORMER = [
 ]
 RECIPES = {
     "lstm": ["experiment=sst2-lstm"],
-    "gru": ["experiment=sst2-lstm", "model=gru"],
+    "gru": ["experiment=sst2-gru"],
     "gpt2-tiny": [*TRANSFORMER, "model=gpt2-tiny", "tokenizer=word", "model.dropout=0.1", "optimizer.lr=1e-3"],
     "bert-mini": [*TRANSFORMER, "model=bert-mini", "task.module.pooling=mean", "optimizer.lr=5e-4"],
     "bert-mini-pretrained": ["experiment=sst2-pretrain-finetune"],

@@ -3,16 +3,18 @@
 import csv
 import functools
 import itertools
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import DATA_DIR, requires_data
+from conftest import DATA_DIR, entry_cfg, make_cfg, requires_data
 from lmforge.data.tagging import TaggedSentences, read_conll
 from lmforge.data.token_classification import IGNORE, TokenClassificationDataModule
 from lmforge.data.tokenizers import word_tokenizer, wordpiece_tokenizer
 from lmforge.errors import LmforgeError
+from lmforge.inference import predict_from_run
 from lmforge.models.char_features import INITIAL_UPPER, LOWER, NUMERIC, UPPER, casing_classes
 from lmforge.models.crf import LinearChainCRF
 from lmforge.models.rnn import RNN
@@ -238,3 +240,84 @@ def test_conll2003_loss_falls(cfg_factory, model, extra):
     metrics = record["metrics"]
     assert {"val/f1", "val/precision", "val/recall", "test/f1", "test/loss"} <= set(metrics)
     assert 0 <= metrics["val/f1"] <= 1 and metrics["val/loss"] < losses[0]
+
+
+def test_word_dropout_reads_labelled_words_as_unknown_in_training_only():
+    tokenizer = word_tokenizer("Peter Blackburn lives in Brussels", min_frequency=1)
+    texts = {"train": {"tokens": [["Peter", "lives", "in", "Brussels"]], "tags": [[4, 0, 0, 1]]}}
+    dm = TokenClassificationDataModule(texts, tokenizer, TAGS)
+    batch = dm.collate(dm.examples["train"])
+    backbone = RNN(tokenizer.get_vocab_size(), hidden_size=8, embedding_size=8)
+    task = TokenClassificationTask(
+        backbone, len(TAGS), functools.partial(torch.optim.AdamW), tokenizer=tokenizer, word_dropout=1.0
+    )
+    seen = []
+    backbone.embeddings.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    task.train()._scores(batch)
+    task.eval()._scores(batch)
+    unk = tokenizer.token_to_id("<unk>")
+    assert seen[0].tolist() == [[unk] * 4] and seen[1].tolist() == batch["input_ids"].tolist() != seen[0].tolist()
+
+
+def test_predict_texts_tags_words_as_the_data_module_encodes_them():
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer("Peter Blackburn of EU-Commission lives in Brussels", min_frequency=1)
+    sentences = [["Peter", "Blackburn", "lives", "in", "Brussels"], ["EU-Commission", "of", "Peter"]]
+    texts = {"test": {"tokens": sentences, "tags": [[0] * len(words) for words in sentences]}}
+    dm = TokenClassificationDataModule(texts, tokenizer, TAGS, max_token_chars=4)
+    backbone = RNN(tokenizer.get_vocab_size(), hidden_size=8, embedding_size=8)
+    task = TokenClassificationTask(
+        backbone, optimizer=functools.partial(torch.optim.AdamW), crf=True, char_filters=4, casing_size=2,
+        **dm.task_arguments(),
+    ).eval()  # fmt: skip
+    assert task.max_token_chars == 4
+    batch = dm.collate(dm.examples["test"])
+    expected = task.predict_words(task._scores(batch), batch["word_positions"]).tolist()
+    results = task.predict_texts([" ".join(words) for words in sentences], tokenizer)
+    assert [r["tags"] for r in results] == [
+        [TAGS[t] for t in row[: len(words)]] for row, words in zip(expected, sentences)
+    ]
+
+
+@pytest.fixture(scope="module")
+def ner_run(tmp_path_factory):
+    """A short real CoNLL-2003 run of the preset (BiLSTM-CRF, smaller, 250 steps), shared by the predict tests."""
+    if not DATA_DIR:
+        pytest.skip("needs the local data mirror (LMFORGE_DATA)")
+    overrides = ["experiment=conll2003-lstm-crf", "logger=none", "model.hidden_size=64", "trainer.max_steps=250",
+                 "trainer.val_check_interval=250", "trainer.limit_val_batches=4", "trainer.limit_test_batches=1"]  # fmt: skip
+    return run_training(make_cfg(overrides, tmp_path_factory.mktemp("conll2003")))
+
+
+def _predict(run: dict, texts: list[str]) -> list[dict]:
+    return predict_from_run(entry_cfg("predict", [f"run={run['run_dir']}", f"text={json.dumps(texts)}"]))
+
+
+@requires_data
+@pytest.mark.slow
+def test_predict_finds_the_entities_of_an_obvious_sentence(ner_run, capsys):
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    text = "Peter Blackburn visited London ."
+    (result,) = _predict(ner_run, [text])
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [result]
+    assert result["text"] == text and result["words"] == text.split()
+    assert len(result["tags"]) == 5 and set(result["tags"]) <= set(TAGS)
+    # The spans are the tags' entities, with end exclusive, and their text is the words they cover.
+    spans = [(e["type"], e["start"], e["end"] - 1) for e in result["entities"]]
+    assert spans == get_entities(result["tags"])
+    for e in result["entities"]:
+        assert e["text"] == " ".join(result["words"][e["start"] : e["end"]])
+    assert {"PER", "LOC"} & {e["type"] for e in result["entities"]}, result
+
+
+@requires_data
+@pytest.mark.slow
+def test_predict_is_the_same_alone_or_batched(ner_run):
+    short = "Peter Blackburn visited London ."
+    longer = "EU rejects German call to boycott British lamb , says Werner Zwingmann of Verwaltungsgerichtshof ."
+    alone = _predict(ner_run, [short])
+    batched = _predict(ner_run, [longer, "", short])
+    assert batched[2] == alone[0]
+    assert batched[1] == {"text": "", "words": [], "tags": [], "entities": []}
+    assert len(batched[0]["tags"]) == len(longer.split())

@@ -47,6 +47,58 @@ def align_tags(encoding: Encoding, words: list[str], tags: list[int], max_chars:
     return TaggedExample(encoding.ids, labels, positions, list(tags), chars)
 
 
+def encode_sentences(
+    tokenizer: Tokenizer, sentences: list[list[str]], tags: list[list[int]], max_length: int, max_chars: int
+) -> list[TaggedExample]:
+    """Encode sentences given as words (pre-tokenized: a word never merges with its neighbours) with their tags.
+
+    Args:
+        tokenizer: the run's tokenizer (left as it is; truncation is set on a copy).
+        sentences: the words of each sentence.
+        tags: one tag index per word (any placeholder, ``O`` say, when only predicting).
+        max_length: longest tokenized sentence; the words past it get no position.
+        max_chars: bytes of each token kept for character features.
+    """
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())
+    tokenizer.enable_truncation(max_length)
+    encodings = tokenizer.encode_batch(sentences, is_pretokenized=True)
+    return [
+        align_tags(encoding, words, word_tags, max_chars)
+        for encoding, words, word_tags in zip(encodings, sentences, tags, strict=True)
+    ]
+
+
+def collate_tagged(batch: list[TaggedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad encoded sentences (right padding) to the longest in the batch.
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``labels`` (B, T); ``word_positions``, ``word_tags`` (B, W);
+        ``char_ids`` (B, T, C).
+    """
+    B = len(batch)
+    T = max(len(e.ids) for e in batch)
+    W = max(max(len(e.word_tags) for e in batch), 1)
+    C = max(max((len(c) for e in batch for c in e.chars), default=1), 1)
+    out = {
+        "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((B, T), dtype=torch.long),
+        "labels": torch.full((B, T), IGNORE, dtype=torch.long),
+        "word_positions": torch.full((B, W), -1, dtype=torch.long),
+        "word_tags": torch.full((B, W), IGNORE, dtype=torch.long),
+        "char_ids": torch.zeros((B, T, C), dtype=torch.long),
+    }
+    for i, e in enumerate(batch):
+        n, w = len(e.ids), len(e.word_tags)
+        out["input_ids"][i, :n] = torch.tensor(e.ids)
+        out["attention_mask"][i, :n] = 1
+        out["labels"][i, :n] = torch.tensor(e.labels)
+        out["word_positions"][i, :w] = torch.tensor(e.word_positions)
+        out["word_tags"][i, :w] = torch.tensor(e.word_tags)
+        for t, chars in enumerate(e.chars):
+            out["char_ids"][i, t, : len(chars)] = torch.tensor(chars, dtype=torch.long)
+    return out
+
+
 class TokenClassificationDataModule(pl.LightningDataModule):
     """Batches for tagging: ``input_ids``, ``attention_mask``, ``labels`` (B, T); ``word_positions``,
     ``word_tags`` (B, W) to read predictions back per word; ``char_ids`` (B, T, C) for character features.
@@ -89,16 +141,12 @@ class TokenClassificationDataModule(pl.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.tag_names = list(tag_names)
+        self.max_token_chars = max_token_chars
         self.pad_id = pad_token_id(tokenizer)
-        tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: truncation is set on it
-        tokenizer.enable_truncation(max_length)
-        self.examples = {}
-        for split, data in texts.items():
-            encodings = tokenizer.encode_batch(data["tokens"], is_pretokenized=True)
-            self.examples[split] = [
-                align_tags(encoding, words, tags, max_token_chars)
-                for encoding, words, tags in zip(encodings, data["tokens"], data["tags"], strict=True)
-            ]
+        self.examples = {
+            split: encode_sentences(tokenizer, data["tokens"], data["tags"], max_length, max_token_chars)
+            for split, data in texts.items()
+        }
 
     @property
     def split_sizes(self) -> dict[str, int]:
@@ -112,32 +160,12 @@ class TokenClassificationDataModule(pl.LightningDataModule):
 
     def task_arguments(self) -> dict:
         """What the task needs to know about the data: the tags."""
-        return {"num_tags": len(self.tag_names), "tag_names": self.tag_names}
+        # max_token_chars too, so that texts labelled later are encoded as the training data was.
+        return {"num_tags": len(self.tag_names), "tag_names": self.tag_names, "max_token_chars": self.max_token_chars}
 
     def collate(self, batch: list[TaggedExample]) -> dict[str, torch.Tensor]:
         """Pad a list of sentences (right padding) to the longest in the batch."""
-        B = len(batch)
-        T = max(len(e.ids) for e in batch)
-        W = max(max(len(e.word_tags) for e in batch), 1)
-        C = max(max((len(c) for e in batch for c in e.chars), default=1), 1)
-        out = {
-            "input_ids": torch.full((B, T), self.pad_id, dtype=torch.long),
-            "attention_mask": torch.zeros((B, T), dtype=torch.long),
-            "labels": torch.full((B, T), IGNORE, dtype=torch.long),
-            "word_positions": torch.full((B, W), -1, dtype=torch.long),
-            "word_tags": torch.full((B, W), IGNORE, dtype=torch.long),
-            "char_ids": torch.zeros((B, T, C), dtype=torch.long),
-        }
-        for i, e in enumerate(batch):
-            n, w = len(e.ids), len(e.word_tags)
-            out["input_ids"][i, :n] = torch.tensor(e.ids)
-            out["attention_mask"][i, :n] = 1
-            out["labels"][i, :n] = torch.tensor(e.labels)
-            out["word_positions"][i, :w] = torch.tensor(e.word_positions)
-            out["word_tags"][i, :w] = torch.tensor(e.word_tags)
-            for t, chars in enumerate(e.chars):
-                out["char_ids"][i, t, : len(chars)] = torch.tensor(chars, dtype=torch.long)
-        return out
+        return collate_tagged(batch, self.pad_id)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(

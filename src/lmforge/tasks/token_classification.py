@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lmforge.data.token_classification import IGNORE
+from lmforge.data.token_classification import IGNORE, collate_tagged, encode_sentences
+from lmforge.data.tokenizers import pad_token_id
 from lmforge.errors import LmforgeError
 from lmforge.models.char_features import CharFeatures
 from lmforge.models.crf import LinearChainCRF
@@ -46,6 +47,12 @@ def compact(values: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, tor
     return values.gather(1, index), mask, order
 
 
+def unknown_token_id(tokenizer) -> int | None:
+    """The id of the tokenizer's unknown token (``<unk>``, ``[UNK]``), or None when its model has none."""
+    name = getattr(tokenizer.model, "unk_token", None)
+    return tokenizer.token_to_id(name) if name else None
+
+
 def first_subtokens(word_positions: torch.Tensor, length: int) -> torch.Tensor:
     """(B, W) position of each word's first token (-1: none) -> (B, T) bool, True at those positions."""
     found = word_positions >= 0
@@ -71,7 +78,11 @@ class TokenClassificationTask(TaskModule):
         char_filters: channels of a character CNN whose features are added to an RNN's word embeddings (0: none).
         char_embedding_size: width of the byte embeddings of the character CNN.
         casing_size: width of a casing-class embedding added likewise (0: none).
-        tokenizer: unused; accepted so every task is built alike.
+        word_dropout: in training, the chance that a word's (first) token is replaced by the unknown token,
+            so that the tagger learns to read unseen words from their spelling and context.
+        max_token_chars: bytes of each token the character features see (from the data; used by
+            :meth:`predict_texts` to encode texts as the training data was).
+        tokenizer: the run's tokenizer; gives the unknown token for ``word_dropout``.
     """
 
     def __init__(
@@ -86,6 +97,8 @@ class TokenClassificationTask(TaskModule):
         char_filters: int = 0,
         char_embedding_size: int = 30,
         casing_size: int = 0,
+        word_dropout: float = 0.0,
+        max_token_chars: int = 20,
         tokenizer=None,
     ):
         super().__init__(optimizer, scheduler)
@@ -98,6 +111,14 @@ class TokenClassificationTask(TaskModule):
             raise LmforgeError(
                 f"Character and casing features (task.module.char_filters, casing_size) feed an RNN's word "
                 f"embeddings; {type(backbone).__name__} is '{kind}', so set them to 0 or use model=lstm."
+            )
+        self.word_dropout = word_dropout
+        self.max_token_chars = max_token_chars
+        self.unk_id = unknown_token_id(tokenizer) if tokenizer is not None else None
+        if word_dropout and self.unk_id is None:
+            raise LmforgeError(
+                "task.module.word_dropout replaces words by the unknown token, and this tokenizer has none; "
+                "set it to 0."
             )
         if kind == "decoder":
             log.info("token classification with a decoder: each word is tagged from the words before it only")
@@ -128,7 +149,12 @@ class TokenClassificationTask(TaskModule):
         return self.head(self.dropout(hidden))
 
     def _scores(self, batch: dict) -> torch.Tensor:
-        return self(batch["input_ids"], batch["attention_mask"], batch.get("char_ids"))
+        input_ids = batch["input_ids"]
+        if self.training and self.word_dropout:
+            # Only words' first tokens (labelled positions): special tokens and padding stay as they are.
+            drop = (batch["labels"] != IGNORE) & (torch.rand_like(input_ids, dtype=torch.float) < self.word_dropout)
+            input_ids = input_ids.masked_fill(drop, self.unk_id)
+        return self(input_ids, batch["attention_mask"], batch.get("char_ids"))
 
     def loss(self, emissions: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Mean loss per labelled word (cross-entropy, or the CRF's negative log-likelihood), and the word count."""
@@ -150,6 +176,43 @@ class TokenClassificationTask(TaskModule):
             tokens.scatter_(1, order, self.crf.decode(scores, mask))
         words = tokens.gather(1, word_positions.clamp(min=0))
         return words.masked_fill(word_positions < 0, self.outside)
+
+    @torch.no_grad()
+    def predict_texts(self, texts: list[str], tokenizer, max_length: int = 512) -> list[dict]:
+        """Tag raw texts, split into words at whitespace (call ``eval()`` first).
+
+        Returns:
+            for each text: its ``words``, their ``tags``, and the ``entities`` they make, each with its
+            ``text``, ``type`` and word span ``start``, ``end`` (end exclusive).
+        """
+        from seqeval.metrics.sequence_labeling import get_entities
+
+        sentences = [text.split() for text in texts]
+        tags: list[list[str]] = [[] for _ in texts]
+        filled = [i for i, words in enumerate(sentences) if words]  # an empty text has nothing to tag
+        if filled:
+            n_positions = getattr(self.backbone, "n_positions", None)
+            examples = encode_sentences(
+                tokenizer,
+                [sentences[i] for i in filled],
+                [[self.outside] * len(sentences[i]) for i in filled],  # placeholders: no loss is computed
+                min(max_length, n_positions or max_length),
+                self.max_token_chars,
+            )
+            device = self.head.weight.device
+            batch = {k: v.to(device) for k, v in collate_tagged(examples, pad_token_id(tokenizer)).items()}
+            emissions = self(batch["input_ids"], batch["attention_mask"], batch["char_ids"])
+            predicted = self.predict_words(emissions, batch["word_positions"]).tolist()
+            for i, row in zip(filled, predicted, strict=True):
+                tags[i] = [self.tag_names[t] for t in row[: len(sentences[i])]]
+        results = []
+        for text, words, row in zip(texts, sentences, tags, strict=True):
+            entities = [
+                {"text": " ".join(words[start : last + 1]), "type": kind, "start": start, "end": last + 1}
+                for kind, start, last in get_entities(row)  # seqeval's spans end at their last word
+            ]
+            results.append({"text": text, "words": words, "tags": row, "entities": entities})
+        return results
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """The loss of one batch."""
