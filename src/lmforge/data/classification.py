@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader
 
-from lmforge.data.datamodules import resumable_sampler
+from lmforge.data.datamodules import ExampleDataModule
 from lmforge.data.tokenizers import pad_token_id
 
 
-class ClassificationDataModule(pl.LightningDataModule):
+class ClassificationDataModule(ExampleDataModule):
     """Batches of ``input_ids``, ``attention_mask`` (1 = token, 0 = padding) and ``labels``.
 
     Args:
         texts: split -> {"text": [...], "label": [...]} (from :class:`lmforge.data.sources.LabeledTexts`).
         tokenizer: the run's tokenizer; its post-processor adds [CLS]/[SEP] where it has them.
         max_length: longest tokenized sentence; longer ones are cut.
-        batch_size: sentences per batch.
+        batch_size: sentences per training batch.
+        eval_batch_size: sentences per validation and test batch (None: ``batch_size``).
         padding_side: "right", or "left" (decoders read the last position either way).
         seed: seed of the training order.
         num_workers: DataLoader worker processes.
         label_names: class names; None takes ``0..n-1`` from the labels.
+        cache_dir: unused; accepted so every DataModule is built alike.
     """
 
     def __init__(
@@ -31,18 +31,16 @@ class ClassificationDataModule(pl.LightningDataModule):
         tokenizer: Tokenizer,
         max_length: int = 128,
         batch_size: int = 32,
+        eval_batch_size: int | None = None,
         padding_side: str = "right",
         seed: int = 0,
         num_workers: int = 0,
         label_names: list[str] | None = None,
         cache_dir: str | None = None,
     ):
-        super().__init__()
-        self.batch_size = batch_size
+        super().__init__(batch_size, eval_batch_size, seed, num_workers)
         self.block_size = max_length
         self.padding_side = padding_side
-        self.seed = seed
-        self.num_workers = num_workers
         self.pad_id = pad_token_id(tokenizer)
         tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: truncation is set on it
         tokenizer.enable_truncation(max_length)
@@ -52,16 +50,6 @@ class ClassificationDataModule(pl.LightningDataModule):
         }
         n = 1 + max(label for data in texts.values() for label in data["label"])
         self.label_names = list(label_names) if label_names else [str(i) for i in range(n)]
-
-    @property
-    def split_sizes(self) -> dict[str, int]:
-        """Number of examples in each split."""
-        return {split: len(examples) for split, examples in self.examples.items()}
-
-    @property
-    def has_test_split(self) -> bool:
-        """Whether labelled test data exists."""
-        return "test" in self.examples
 
     def task_arguments(self) -> dict:
         """What the task needs to know about the data: the classes."""
@@ -78,26 +66,3 @@ class ClassificationDataModule(pl.LightningDataModule):
             mask[i, span] = 1
         labels = torch.tensor([label for _, label in batch])
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-    def _loader(self, split: str, sampler=None) -> DataLoader:
-        return DataLoader(
-            self.examples[split],
-            batch_size=self.batch_size,
-            sampler=sampler,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training examples; after a resume, the epoch continues where the checkpoint left it."""
-        sampler = resumable_sampler(len(self.examples["train"]), self.seed, self.batch_size, self.trainer)
-        return self._loader("train", sampler)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation examples in file order."""
-        return self._loader("validation")
-
-    def test_dataloader(self) -> DataLoader:
-        """Test examples in file order."""
-        return self._loader("test")

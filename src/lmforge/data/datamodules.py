@@ -1,4 +1,5 @@
-"""Lightning DataModules: token ids in, batches of fixed-length windows out."""
+"""Lightning DataModules: windows of a token stream (language modelling), and the base of the
+DataModules whose splits are lists of encoded examples (classification, tagging)."""
 
 from __future__ import annotations
 
@@ -191,3 +192,65 @@ class LanguageModelingDataModule(pl.LightningDataModule):
     def has_test_split(self) -> bool:
         """Whether the corpus has a test split."""
         return "test" in self.ids
+
+
+class ExampleDataModule(pl.LightningDataModule):
+    """Base of the DataModules whose splits are lists of encoded examples, padded per batch by ``collate``.
+
+    The training order is a seeded permutation per epoch that a resumed run continues exactly;
+    validation and test keep file order.
+
+    Args:
+        batch_size: examples per training batch.
+        eval_batch_size: examples per validation and test batch (None: ``batch_size``); larger ones
+            let ``trainer.limit_val_batches`` cover a whole validation split.
+        seed: seed of the training order.
+        num_workers: DataLoader worker processes.
+    """
+
+    size_unit = "examples"
+
+    def __init__(self, batch_size: int, eval_batch_size: int | None = None, seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.examples: dict[str, list] = {}  # split -> encoded examples, filled by the subclass
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        """Number of examples in each split."""
+        return {split: len(examples) for split, examples in self.examples.items()}
+
+    @property
+    def has_test_split(self) -> bool:
+        """Whether labelled test data exists."""
+        return "test" in self.examples
+
+    def collate(self, batch: list) -> dict[str, torch.Tensor]:
+        """Pad a list of examples into a batch of tensors."""
+        raise NotImplementedError
+
+    def _loader(self, split: str, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
+        return DataLoader(
+            self.examples[split],
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training examples; after a resume, the epoch continues where the checkpoint left it."""
+        sampler = resumable_sampler(len(self.examples["train"]), self.seed, self.batch_size, self.trainer)
+        return self._loader("train", self.batch_size, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation examples in file order."""
+        return self._loader("validation", self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test examples in file order."""
+        return self._loader("test", self.eval_batch_size)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pytorch_lightning as pl
 import torch
 from tokenizers import Encoding, Tokenizer
-from torch.utils.data import DataLoader
 
+from lmforge.data.datamodules import ExampleDataModule
 from lmforge.data.tokenizers import pad_token_id
 
 IGNORE = -100  # label of positions without a loss: later sub-tokens, special tokens, padding
@@ -99,7 +98,7 @@ def collate_tagged(batch: list[TaggedExample], pad_id: int) -> dict[str, torch.T
     return out
 
 
-class TokenClassificationDataModule(pl.LightningDataModule):
+class TokenClassificationDataModule(ExampleDataModule):
     """Batches for tagging: ``input_ids``, ``attention_mask``, ``labels`` (B, T); ``word_positions``,
     ``word_tags`` (B, W) to read predictions back per word; ``char_ids`` (B, T, C) for character features.
 
@@ -134,12 +133,8 @@ class TokenClassificationDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
     ):
-        super().__init__()
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        super().__init__(batch_size, eval_batch_size, seed, num_workers)
         self.block_size = max_length
-        self.seed = seed
-        self.num_workers = num_workers
         self.tag_names = list(tag_names)
         self.max_token_chars = max_token_chars
         self.pad_id = pad_token_id(tokenizer)
@@ -147,16 +142,6 @@ class TokenClassificationDataModule(pl.LightningDataModule):
             split: encode_sentences(tokenizer, data["tokens"], data["tags"], max_length, max_token_chars)
             for split, data in texts.items()
         }
-
-    @property
-    def split_sizes(self) -> dict[str, int]:
-        """Number of sentences in each split."""
-        return {split: len(examples) for split, examples in self.examples.items()}
-
-    @property
-    def has_test_split(self) -> bool:
-        """Whether tagged test data exists."""
-        return "test" in self.examples
 
     def task_arguments(self) -> dict:
         """What the task needs to know about the data: the tags."""
@@ -166,25 +151,3 @@ class TokenClassificationDataModule(pl.LightningDataModule):
     def collate(self, batch: list[TaggedExample]) -> dict[str, torch.Tensor]:
         """Pad a list of sentences (right padding) to the longest in the batch."""
         return collate_tagged(batch, self.pad_id)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.examples[split],
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training sentences."""
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation sentences in file order."""
-        return self._loader("validation", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test sentences in file order."""
-        return self._loader("test", shuffle=False)

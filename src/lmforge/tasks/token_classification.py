@@ -25,8 +25,6 @@ from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
 
 log = logging.getLogger(__name__)
 
-KINDS = ("encoder", "decoder", "rnn")
-
 
 def compact(values: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Move the kept positions of each row to its front, in order (a CRF runs over words, not sub-tokens).
@@ -103,10 +101,7 @@ class TokenClassificationTask(TaskModule):
     ):
         super().__init__(optimizer, scheduler)
         kind = getattr(backbone, "kind", None)
-        if kind not in KINDS:
-            raise LmforgeError(
-                f"Token classification needs an encoder, decoder or RNN backbone; {type(backbone).__name__} is '{kind}'."
-            )
+        self.check_backbone(kind, type(backbone).__name__)
         if (char_filters or casing_size) and kind != "rnn":
             raise LmforgeError(
                 f"Character and casing features (task.module.char_filters, casing_size) feed an RNN's word "
@@ -123,6 +118,8 @@ class TokenClassificationTask(TaskModule):
         if kind == "decoder":
             log.info("token classification with a decoder: each word is tagged from the words before it only")
         self.backbone = backbone
+        if hasattr(backbone, "pooler"):  # BERT's pooler serves sentence classification; DDP fails on unused parameters
+            backbone.pooler.requires_grad_(False)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(backbone.hidden_size, num_tags)
         self.crf = LinearChainCRF(num_tags) if crf else None
