@@ -113,3 +113,16 @@ def test_pretrain_finetune_experiment_runs_both_stages_in_one_command(tmp_path):
     assert "stage 2/2: finetune" in result.stderr + result.stdout
     finetune_log = Path(records[1]["run_dir"], "train.log").read_text()
     assert f"init_from {records[0]['best_checkpoint']}" in finetune_log
+
+
+@requires_data
+@pytest.mark.slow
+def test_a_causal_lm_run_starts_a_decoder_classifier(cfg_factory):
+    from conftest import TINY
+
+    lm = run_training(cfg_factory(TINY))
+    record = run_training(cfg_factory(["model=gpt2-tiny", "task=sst2", "task.data.max_length=64", "model.bias=false",
+                                       "model.n_positions=64", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+                                       f"init_from={lm['run_dir']}", "logger=none", "debug=fast"]))  # fmt: skip
+    line = next(line for line in Path(record["run_dir"], "train.log").read_text().splitlines() if " init_from " in line)
+    assert "loaded 10 of 10 backbone tensors" in line and "not used from the checkpoint: none" in line, line

@@ -86,9 +86,12 @@ def build_data(
     shared = {key for key in set(cfg.task.data) & set(cfg.task.source) if not key.startswith("_")}
     data_node = _without(cfg.task.data, *shared)
     # Data goes in through a partial: Hydra would copy every kwarg into its config tree (minutes for 67k sentences).
-    datamodule = instantiate(data_node, _partial_=True)(
-        texts=texts, tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir, **source.data_arguments()
-    )
+    try:
+        datamodule = instantiate(data_node, _partial_=True)(
+            texts=texts, tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir, **source.data_arguments()
+        )
+    except TypeError as err:  # a task.data key this DataModule does not take
+        raise LmforgeError(f"The data of task {cfg.task.name} cannot be built from task.data: {err}.") from err
     return tokenizer, datamodule
 
 
