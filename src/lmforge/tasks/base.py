@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
+from torchmetrics import Metric, MetricCollection
 
 from lmforge.errors import LmforgeError
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory, configure_optimization
@@ -48,6 +49,16 @@ class TaskModule(pl.LightningModule):
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0 or self.global_step == 0:
             self.log("train/loss", loss, prog_bar=True)
             self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+
+    def log_epoch_scores(self, prefix: str, loss: Metric, scores: Metric | MetricCollection) -> None:
+        """Log ``<prefix>/loss`` and every score under ``<prefix>/`` (on the bar for validation), then reset both."""
+        self.log(f"{prefix}/loss", loss.compute(), prog_bar=prefix == "val")
+        computed = {
+            name if name.startswith(f"{prefix}/") else f"{prefix}/{name}": v for name, v in scores.compute().items()
+        }
+        self.log_dict(computed, prog_bar=prefix == "val")
+        loss.reset()
+        scores.reset()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep the random generators (a resumed run draws the same numbers) and what the task knows of its data."""

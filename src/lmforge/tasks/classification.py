@@ -156,19 +156,13 @@ class ClassificationTask(TaskModule):
         """Accumulate loss, accuracy, macro F1 and the confusion matrix."""
         self.confusion.update(self._evaluate(batch, self.test_metrics, self.test_loss), batch["labels"])
 
-    def _log_epoch(self, prefix: str, metrics: MetricCollection, loss: MeanMetric) -> None:
-        self.log(f"{prefix}/loss", loss.compute(), prog_bar=prefix == "val")
-        self.log_dict(metrics.compute(), prog_bar=prefix == "val")
-        loss.reset()
-        metrics.reset()
-
     def on_validation_epoch_end(self) -> None:
         """Log validation loss, accuracy and macro F1."""
-        self._log_epoch("val", self.val_metrics, self.val_loss)
+        self.log_epoch_scores("val", self.val_loss, self.val_metrics)
 
     def on_test_epoch_end(self) -> None:
         """Log test loss, accuracy and macro F1; save the confusion matrix."""
-        self._log_epoch("test", self.test_metrics, self.test_loss)
+        self.log_epoch_scores("test", self.test_loss, self.test_metrics)
         matrix = self.confusion.compute()  # on every rank: it gathers across processes
         if self.trainer.is_global_zero:
             self._save_confusion_matrix(matrix, Path(self.trainer.default_root_dir) / "confusion_matrix.png")

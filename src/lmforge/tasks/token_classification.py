@@ -234,16 +234,10 @@ class TokenClassificationTask(TaskModule):
         """Accumulate the loss and the entity counts."""
         self._evaluate(batch, self.test_scores, self.test_loss)
 
-    def _log_epoch(self, prefix: str, scores: EntityScores, mean_loss: MeanMetric) -> None:
-        self.log(f"{prefix}/loss", mean_loss.compute(), prog_bar=prefix == "val")
-        self.log_dict({f"{prefix}/{k}": v for k, v in scores.compute().items()}, prog_bar=prefix == "val")
-        mean_loss.reset()
-        scores.reset()
-
     def on_validation_epoch_end(self) -> None:
         """Log validation loss and entity precision, recall, F1."""
-        self._log_epoch("val", self.val_scores, self.val_loss)
+        self.log_epoch_scores("val", self.val_loss, self.val_scores)
 
     def on_test_epoch_end(self) -> None:
         """Log test loss and entity precision, recall, F1."""
-        self._log_epoch("test", self.test_scores, self.test_loss)
+        self.log_epoch_scores("test", self.test_loss, self.test_scores)
