@@ -126,4 +126,4 @@ def test_a_task_that_cannot_use_the_model_stops_before_reading_data(cfg_factory)
     with pytest.raises(
         LmforgeError, match="MaskedLanguageModelingTask needs an encoder backbone; model lstm is an RNN"
     ):
-        run_training(cfg_factory(["model=lstm", "task=mlm"], data_dir="/nonexistent"))
+        run_training(cfg_factory(["model=lstm", "task=mlm"], data_dir="/nonexistent"))  # default loggers: W&B too

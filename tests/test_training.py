@@ -12,6 +12,7 @@ from conftest import TINY, make_cfg, run_cli
 from lmforge.cli import CONF_DIR
 from lmforge.data.sources import TextCorpus
 from lmforge.data.tokenizers import char_tokenizer, encode_text, load_tokenizer
+from lmforge.errors import LmforgeError
 from lmforge.tracking import make_run_dir
 from lmforge.training import run_training
 
@@ -41,6 +42,15 @@ def offline_wandb(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+
+
+def test_a_failed_run_closes_its_wandb_run(cfg_factory, offline_wandb):
+    import sys
+
+    overrides = [o for o in TINY if not o.startswith("logger=")]
+    with pytest.raises(LmforgeError, match="longer than the model's n_positions"):  # fails after W&B has started
+        run_training(cfg_factory([*overrides, "model.n_positions=8"]))
+    assert sys.modules["wandb"].run is None  # the next run in this process gets a run of its own
 
 
 def test_default_run_writes_everything_offline(cfg_factory, offline_wandb):

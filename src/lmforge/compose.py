@@ -151,7 +151,6 @@ def build_run(cfg: DictConfig, loggers: list[Any] | None = None, tokenizer: Toke
             None builds them from the config.
         tokenizer: a run's saved tokenizer (resume); None builds one from the config.
     """
-    check_pairing(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer, datamodule = build_data(cfg, tokenizer)
     backbone = build_backbone(cfg.model, tokenizer.get_vocab_size())

@@ -129,6 +129,13 @@ def start_wandb(logger) -> None:
         logger.experiment  # noqa: B018
 
 
+def finish_wandb(exit_code: int = 0) -> None:
+    """End the process's current W&B run, if W&B was imported and a run is open."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
+
+
 def describe_wandb(logger) -> str:
     """One line saying where a W&B logger writes and whether it is online."""
     run = logger.experiment

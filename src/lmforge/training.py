@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmforge import tracking
-from lmforge.compose import build_loggers, build_run
+from lmforge.compose import build_loggers, build_run, check_pairing
 from lmforge.console import log_to_file, setup_console
 from lmforge.data.tokenizers import load_tokenizer, save_tokenizer
 from lmforge.distributed import RUN_DIR_VAR, RUN_ID_VAR, is_rank_zero, shared_run_name
@@ -55,6 +55,9 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     file_log = log_to_file(run_dir) if is_rank_zero() else None
     try:
         return _train_in(cfg, run_id, run_dir, stopwatch)
+    except BaseException:
+        tracking.finish_wandb(exit_code=1)  # else the next run in this process would log into this one
+        raise
     finally:
         if file_log is not None:
             logging.getLogger().removeHandler(file_log)
@@ -127,6 +130,7 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
     log.info("run dir: %s%s", run_dir, " (resuming from checkpoints/last.ckpt)" if resuming else "")
     # A resumed run has its weights in last.ckpt already; init_from only starts a new one.
     init_checkpoint, init_run = init_source(cfg.init_from) if cfg.get("init_from") and not resuming else (None, None)
+    check_pairing(cfg)  # before W&B starts a run for nothing
     loggers = build_loggers(cfg)
     # W&B takes a few seconds to start: let it do so while the data and the model are built.
     starting = [
