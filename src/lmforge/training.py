@@ -141,11 +141,13 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
     for thread in starting:
         thread.start()
     saved_tokenizer = run_dir if resuming else init_run  # the ids the weights were trained on
-    run = build_run(cfg, loggers, tokenizer=load_tokenizer(saved_tokenizer) if saved_tokenizer else None)
-    if init_checkpoint is not None:
-        log.info(init_backbone(run.backbone, init_checkpoint))
-    for thread in starting:
-        thread.join()
+    try:
+        run = build_run(cfg, loggers, tokenizer=load_tokenizer(saved_tokenizer) if saved_tokenizer else None)
+        if init_checkpoint is not None:
+            log.info(init_backbone(run.backbone, init_checkpoint))
+    finally:  # a failed build must not leave W&B starting behind our back
+        for thread in starting:
+            thread.join()
     if is_rank_zero():
         save_tokenizer(run.tokenizer, run_dir)
     n_params = sum(p.numel() for p in run.backbone.parameters())
