@@ -270,13 +270,10 @@ class LabeledTexts(TextCorpus):
         for split in ds:
             if split not in (*SPLITS, "unsplit"):
                 continue
-            columns = ds[split].column_names
-            for col in (self.text_column, self.label_column):
-                if col not in columns:
-                    raise LmforgeError(
-                        f"Dataset '{self.name}' split {split} has no column '{col}' (it has: {', '.join(columns)}); "
-                        f"set task.data.text_column / task.data.label_column."
-                    )
+            require_columns(
+                ds[split], (self.text_column, self.label_column), f"Dataset '{self.name}' split {split}",
+                "set task.data.text_column / task.data.label_column",
+            )  # fmt: skip
             labels = list(ds[split][self.label_column])
             if all(isinstance(x, int) and x < 0 for x in labels):
                 continue  # hidden test labels
@@ -313,6 +310,13 @@ class LabeledTexts(TextCorpus):
             return {key: [values[i] for i in rows] for key, values in data.items()}
 
         return {"train": take(kept), "validation": take(held), **texts}
+
+
+def require_columns(dataset, columns: tuple[str, ...], what: str, hint: str) -> None:
+    """Fail in one sentence when a `datasets` table lacks one of ``columns`` (``what`` names it, ``hint`` says what to set)."""
+    for column in columns:
+        if column not in dataset.column_names:
+            raise LmforgeError(f"{what} has no column '{column}' (it has: {', '.join(dataset.column_names)}); {hint}.")
 
 
 def _natural(name: str):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.data.sources import SPLITS, TextCorpus
+from lmforge.data.sources import SPLITS, TextCorpus, require_columns
 from lmforge.errors import LmforgeError
 
 OUTSIDE = "O"
@@ -98,13 +98,10 @@ class TaggedSentences(TextCorpus):
         for split in ds:
             if split not in SPLITS:
                 continue
-            columns = ds[split].column_names
-            for column in (self.tokens_column, self.tags_column):
-                if column not in columns:
-                    raise LmforgeError(
-                        f"Dataset '{self.name}' ({self.hub_id}) split {split} has no column '{column}' "
-                        f"(it has: {', '.join(columns)}); set task.source.tokens_column / tags_column."
-                    )
+            require_columns(
+                ds[split], (self.tokens_column, self.tags_column), f"Dataset '{self.name}' ({self.hub_id}) split {split}",
+                "set task.source.tokens_column / tags_column",
+            )  # fmt: skip
             # A sequence of ClassLabel integers carries the names; a sequence of strings is named already.
             names = getattr(getattr(ds[split].features[self.tags_column], "feature", None), "names", None)
             tags = [[names[t] if names else str(t) for t in row] for row in ds[split][self.tags_column]]
