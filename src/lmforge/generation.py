@@ -1,9 +1,19 @@
-"""Text generation from a decoder: greedy and sampling with temperature, top-k and top-p."""
+"""Text generation for every backbone that generates: decoders (GPT) and encoder-decoders (Transformer, T5, RNNs).
+
+One entry point, :func:`generate`: greedy decoding, sampling (temperature, top-k, top-p) and
+beam search (beams, length penalty, early stopping), with a repetition penalty, a length
+limit, an end-of-sequence token and batches of prompts of different lengths. Decoders reuse
+the keys and values of earlier positions (KV cache); encoder-decoders encode the source once
+and compute its keys and values once per layer.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from lmforge.models.layers import select_rows
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -27,6 +37,67 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def penalize_repetition(logits: torch.Tensor, ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make every token already in ``ids`` less likely: positive logits divided by ``penalty``, negative ones multiplied."""
+    if penalty == 1.0:
+        return logits
+    seen = logits.gather(1, ids)
+    return logits.scatter(1, ids, torch.where(seen < 0, seen * penalty, seen / penalty))
+
+
+class DecoderSteps:
+    """Next-token logits of a decoder for a batch of growing sequences (prompt + generated tokens).
+
+    A left-padded batch of prompts is read through its attention mask; with a cache only the
+    new token goes through the model at each step. Once a sequence outgrows ``n_positions``,
+    the context slides and each step recomputes the last ``n_positions`` tokens.
+    """
+
+    def __init__(self, model: nn.Module, attention_mask: torch.Tensor | None, use_cache: bool):
+        self.model = model
+        self.mask = attention_mask
+        self.cache = model.new_cache() if use_cache and hasattr(model, "new_cache") else None
+
+    def next_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits of the token after ``ids`` (B, L)."""
+        mask = self.mask
+        if mask is not None and mask.shape[1] < ids.shape[1]:
+            mask = self.mask = F.pad(mask, (0, ids.shape[1] - mask.shape[1]), value=1)
+        n = self.model.n_positions
+        if self.cache is not None and ids.shape[1] <= n:
+            return self.model(ids[:, self.cache.length :], attention_mask=mask, cache=self.cache)[:, -1]
+        return self.model(ids[:, -n:], attention_mask=None if mask is None else mask[:, -n:])[:, -1]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep (and repeat) the batch rows in ``index``."""
+        self.mask = select_rows(self.mask, index)
+        if self.cache is not None:
+            self.cache.reorder(index)
+
+
+class EncoderDecoderSteps:
+    """Next-token logits of an encoder-decoder: the source is encoded once, the decoder runs step by step."""
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, use_cache: bool):
+        self.model = model
+        self.memory = model.encode(input_ids, attention_mask)
+        self.memory_mask = attention_mask
+        self.cache = model.new_cache() if use_cache else None
+
+    def next_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits of the token after the decoder input ``ids`` (B, L)."""
+        if self.cache is None:
+            return self.model.decode(ids, self.memory, self.memory_mask)[:, -1]
+        return self.model.decode(ids[:, self.cache.length :], self.memory, self.memory_mask, self.cache)[:, -1]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep (and repeat) the batch rows in ``index``: source encodings, masks and caches."""
+        self.memory = select_rows(self.memory, index)
+        self.memory_mask = select_rows(self.memory_mask, index)
+        if self.cache is not None:
+            self.cache.reorder(index)
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -38,43 +109,142 @@ def generate(
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    attention_mask: torch.Tensor | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool = True,
+    repetition_penalty: float = 1.0,
+    decoder_start_token_id: int | None = None,
+    pad_token_id: int | None = None,
 ) -> torch.Tensor:
-    """Continue each prompt token by token.
+    """Generate up to ``max_new_tokens`` tokens for each row of ``input_ids``.
 
     Args:
-        model: a decoder that maps (B, T) ids to (B, T, V) logits and has ``n_positions``.
-        input_ids: (B, T) prompt ids.
-        max_new_tokens: number of tokens to add.
+        model: a decoder (``kind = "decoder"``: (B, T) ids -> (B, T, V) logits, ``n_positions``)
+            or an encoder-decoder (``kind = "seq2seq"``: ``encode`` / ``decode``).
+        input_ids: (B, T) prompts (decoder; left-pad a batch of different lengths) or sources (encoder-decoder).
+        max_new_tokens: most tokens to add.
         temperature: 0 means greedy; otherwise logits are divided by it before sampling.
+            Ignored by beam search.
         top_k, top_p: optional sampling filters.
-        eos_token_id: stop a sequence once it produced this token (it keeps padding with it).
+        eos_token_id: a sequence ends once it produced this token (then it is padded with ``pad_token_id``).
         generator: random generator for reproducible samples.
-        use_cache: reuse keys and values of earlier positions when the model has ``new_cache``.
-            Once the text outgrows ``n_positions`` the context slides and every step
-            recomputes the last ``n_positions`` tokens, exactly as without a cache.
+        use_cache: reuse keys and values of earlier positions.
+        attention_mask: (B, T), 1 for real tokens and 0 for padding.
+        num_beams: more than 1 runs beam search.
+        length_penalty: beam search ranks finished sequences by log-probability / length ** length_penalty.
+        early_stopping: beam search stops a row once it has ``num_beams`` finished sequences.
+        repetition_penalty: above 1 discourages tokens the sequence already holds (1 = off).
+        decoder_start_token_id: the first decoder input of an encoder-decoder.
+        pad_token_id: what fills the rows that ended early (default: ``eos_token_id``, else 0).
     Returns:
-        (B, T + max_new_tokens) ids, prompt included.
+        decoder: (B, T + n) prompts and their continuations; encoder-decoder: (B, n) generated tokens.
     """
     was_training = model.training
     model.eval()
-    ids = input_ids
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    cache = model.new_cache() if use_cache and hasattr(model, "new_cache") else None
-    for _ in range(max_new_tokens):
-        if cache is not None and ids.shape[1] <= model.n_positions:
-            logits = model(ids[:, cache.length :], cache=cache)[:, -1, :].float()
+    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    if getattr(model, "kind", "decoder") == "seq2seq":
+        if decoder_start_token_id is None:
+            raise ValueError("an encoder-decoder needs decoder_start_token_id")
+        steps = EncoderDecoderSteps(model, input_ids, attention_mask, use_cache)
+        ids = torch.full((input_ids.shape[0], 1), decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+        keep = 1  # the start token is dropped from the output
+    else:
+        steps = DecoderSteps(model, attention_mask, use_cache)
+        ids, keep = input_ids, 0
+    try:
+        if num_beams > 1:
+            out = _beam_search(steps, ids, max_new_tokens, num_beams, length_penalty, early_stopping,
+                               repetition_penalty, eos_token_id, pad)  # fmt: skip
         else:
-            logits = model(ids[:, -model.n_positions :])[:, -1, :].float()
+            out = _sample(steps, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                          eos_token_id, pad, generator)  # fmt: skip
+    finally:
+        model.train(was_training)
+    return out[:, keep:]
+
+
+def _sample(steps, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, pad, generator):
+    """Greedy decoding (temperature 0) or sampling, one token per step for the whole batch."""
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for _ in range(max_new_tokens):
+        logits = penalize_repetition(steps.next_logits(ids).float(), ids, repetition_penalty)
         if temperature == 0:
             next_id = logits.argmax(-1, keepdim=True)
         else:
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
             next_id = torch.multinomial(probs, 1, generator=generator)
-        if eos_token_id is not None:
-            next_id = torch.where(done[:, None], torch.full_like(next_id, eos_token_id), next_id)
-            done |= next_id.squeeze(1) == eos_token_id
+        if eos is not None:
+            next_id = torch.where(done[:, None], torch.full_like(next_id, pad), next_id)
+            done |= next_id.squeeze(1) == eos
         ids = torch.cat([ids, next_id], dim=1)
-        if eos_token_id is not None and done.all():
+        if eos is not None and done.all():
             break
-    model.train(was_training)
     return ids
+
+
+def _beam_search(steps, ids, max_new_tokens, num_beams, length_penalty, early_stopping, repetition_penalty, eos, pad):
+    """Keep the ``num_beams`` most likely continuations of each row; return the best finished one per row."""
+    B, K, start = ids.shape[0], num_beams, ids.shape[1]
+    device = ids.device
+    rows = torch.arange(B, device=device).repeat_interleave(K)
+    steps.reorder(rows)
+    ids = ids.index_select(0, rows)
+    scores = torch.zeros(B, K, device=device)
+    scores[:, 1:] = float("-inf")  # all beams start equal: only the first may expand at step one
+    finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
+    done = [False] * B
+
+    def normalise(score: float, length: int) -> float:
+        return score / (length**length_penalty)
+
+    for step in range(max_new_tokens):
+        logits = penalize_repetition(steps.next_logits(ids).float(), ids, repetition_penalty)
+        V = logits.shape[-1]
+        candidates = (scores.view(-1, 1) + logits.log_softmax(-1)).view(B, K * V)
+        top_scores, top_index = candidates.topk(2 * K, dim=1)
+        keep_rows, keep_tokens, keep_scores = [], [], []
+        for b in range(B):
+            if done[b]:  # padding beams keep the batch rectangular
+                keep_rows += [b * K] * K
+                keep_tokens += [pad] * K
+                keep_scores += [float("-inf")] * K
+                continue
+            live = 0
+            for rank in range(2 * K):
+                score, index = float(top_scores[b, rank]), int(top_index[b, rank])
+                row, token = b * K + index // V, index % V
+                if eos is not None and token == eos:
+                    if rank < K:  # an end among the best K candidates finishes a hypothesis
+                        text = torch.cat([ids[row, start:], ids.new_tensor([eos])])
+                        finished[b].append((normalise(score, step + 1), text))
+                    continue
+                keep_rows.append(row)
+                keep_tokens.append(token)
+                keep_scores.append(score)
+                live += 1
+                if live == K:
+                    break
+            finished[b] = sorted(finished[b], key=lambda h: -h[0])[:K]
+            if len(finished[b]) == K:
+                best_live = normalise(max(keep_scores[-K:]), step + 1)
+                done[b] = early_stopping or finished[b][-1][0] >= best_live
+        index = torch.tensor(keep_rows, device=device)
+        steps.reorder(index)
+        ids = torch.cat([ids.index_select(0, index), torch.tensor(keep_tokens, device=device)[:, None]], dim=1)
+        scores = torch.tensor(keep_scores, device=device).view(B, K)
+        if all(done):
+            break
+    best = []
+    for b in range(B):
+        if not done[b]:
+            length = ids.shape[1] - start
+            for j in range(K):
+                finished[b].append((normalise(float(scores[b, j]), length), ids[b * K + j, start:]))
+        best.append(max(finished[b], key=lambda h: h[0])[1])
+    prompts = ids[::K, :start]
+    longest = max(len(tokens) for tokens in best)
+    out = torch.full((B, longest), pad, dtype=torch.long, device=device)
+    for b, tokens in enumerate(best):
+        out[b, : len(tokens)] = tokens
+    return torch.cat([prompts, out], dim=1)

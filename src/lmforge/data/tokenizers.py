@@ -144,6 +144,17 @@ def pad_token_id(tokenizer: Tokenizer) -> int:
     return 0
 
 
+def eos_token_id(tokenizer: Tokenizer) -> int:
+    """The end-of-sequence id that seq2seq targets end with (and decoders start from)."""
+    for token in (EOS, "</s>", "[SEP]"):
+        if tokenizer.token_to_id(token) is not None:
+            return tokenizer.token_to_id(token)
+    raise LmforgeError(
+        f"The tokenizer has no end-of-sequence token ({EOS}, </s> or [SEP]), which generation needs; "
+        f"use tokenizer=bpe (a joint BPE vocabulary) or tokenizer=gpt2."
+    )
+
+
 def _chunks(text: str, size: int = 1 << 16):
     """Yield the text in pieces of whole lines, so that encoding and training can work in batches."""
     lines = text.splitlines(keepends=True)

@@ -78,7 +78,9 @@ class GPT(nn.Module):
 
         Args:
             input_ids: (B, T) token ids; with a cache, only the tokens it has not seen.
-            attention_mask: optional (B, T), 1 for real tokens, 0 for padding.
+            attention_mask: optional, 1 for real tokens, 0 for padding: (B, T), or with a cache
+                (B, past + T). Positions count real tokens only, so a left-padded prompt is
+                read exactly as the same prompt without padding.
             cache: keys and values of earlier positions, extended in place.
         Returns:
             (B, T, n_embd) final hidden states, after ``ln_f``.
@@ -87,7 +89,10 @@ class GPT(nn.Module):
         end = past + input_ids.shape[1]
         if end > self.n_positions:
             raise ValueError(f"sequence of {end} tokens is longer than n_positions={self.n_positions}")
-        pos = torch.arange(past, end, device=input_ids.device)
+        if attention_mask is None:
+            pos = torch.arange(past, end, device=input_ids.device)
+        else:
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             x = block(x, attention_mask, cache.layers[i] if cache is not None else None)
@@ -100,7 +105,7 @@ class GPT(nn.Module):
 
         Args:
             input_ids: (B, T) token ids.
-            attention_mask: optional (B, T), 1 for real tokens, 0 for padding.
+            attention_mask: optional (B, T) (with a cache: (B, past + T)), 1 for real tokens, 0 for padding.
             cache: optional :class:`KVCache` from :meth:`new_cache`, for incremental decoding.
         Returns:
             (B, T, vocab_size) logits.

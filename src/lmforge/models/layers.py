@@ -47,7 +47,8 @@ class CausalSelfAttention(nn.Module):
 
         Args:
             x: (B, T, C) hidden states of the new tokens.
-            attention_mask: optional (B, T), 1 for real tokens and 0 for padding (not with a cache).
+            attention_mask: optional 1 for real tokens and 0 for padding: (B, T), or with a cache
+                (B, past + T), covering the cached positions too.
             cache: keys and values of earlier tokens; the new ones are appended to it.
         Returns:
             (B, T, C) hidden states.
@@ -56,20 +57,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, heads, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        past = 0
         if cache is not None:
-            past = cache.length
             k, v = cache.append(k, v)  # (B, heads, past + T, head_dim)
         dropout = self.dropout if self.training else 0.0
-        if attention_mask is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            mask = causal & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        elif past == 0:
+        if attention_mask is None and k.shape[2] == T:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
-            # New token i sees every cached token and the new tokens up to itself.
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            mask = attention_mask_for(attention_mask, T, k.shape[2], causal=True, device=x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -96,17 +90,146 @@ class LayerCache:
             self.values = torch.cat([self.values, v], dim=2)
         return self.keys, self.values
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep (and repeat) the batch rows in ``index``: beam search follows its surviving beams."""
+        if self.keys is not None:
+            self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+
 
 class KVCache:
-    """One :class:`LayerCache` per Transformer block."""
+    """One :class:`LayerCache` per Transformer block.
+
+    Encoder-decoders also keep, per block, the keys and values of the encoder output
+    (``cross``): computed at the first decoding step, reused by every later one.
+    """
 
     def __init__(self, n_layers: int) -> None:
         self.layers = [LayerCache() for _ in range(n_layers)]
+        self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
 
     @property
     def length(self) -> int:
         """Number of cached positions."""
         return self.layers[0].length
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep (and repeat) the batch rows in ``index`` in every layer."""
+        for layer in self.layers:
+            layer.reorder(index)
+        self.cross = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
+                      for kv in self.cross]  # fmt: skip
+
+
+def select_rows(value, index: torch.Tensor):
+    """``index_select`` on dim 0 of a tensor, or of every tensor in a (nested) tuple or list; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, index)
+    return type(value)(select_rows(v, index) for v in value)
+
+
+def attention_mask_for(
+    key_mask: torch.Tensor | None, n_queries: int, n_keys: int, causal: bool, device: torch.device
+) -> torch.Tensor | None:
+    """A boolean mask (True = may attend) for :func:`torch.nn.functional.scaled_dot_product_attention`.
+
+    Args:
+        key_mask: optional (B, n_keys), 1 for real tokens and 0 for padding.
+        n_queries: number of new positions; they are the last ``n_queries`` of the keys.
+        causal: whether a query may only see keys up to its own position.
+    Returns:
+        (B or 1, 1, n_queries, n_keys), or None when nothing is masked. Every query may
+        attend to its own position, so a padding row never has all its keys masked (NaN).
+    """
+    if key_mask is None and not causal:
+        return None
+    past = n_keys - n_queries
+    mask = torch.ones(n_queries, n_keys, dtype=torch.bool, device=device)
+    if causal:
+        mask = mask.tril(diagonal=past)
+    mask = mask[None, None]
+    if key_mask is not None:
+        own = torch.zeros_like(mask[0, 0])
+        if n_queries <= n_keys:
+            own[:, past:] = torch.eye(n_queries, dtype=torch.bool, device=device)
+        mask = (mask & key_mask.bool()[:, None, None, :]) | own
+    return mask
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate query, key, value and output projections (``q``, ``k``, ``v``, ``o``).
+
+    Self-attention (keys from ``x``, appended to a cache when decoding) or cross-attention
+    (keys and values from :meth:`keys_values` of the encoder output, passed as ``kv``).
+
+    Args:
+        d_model: model width.
+        n_head: number of heads.
+        head_dim: width per head (default ``d_model // n_head``; T5 sizes set it).
+        dropout: dropout on the attention weights.
+        bias: whether the projections have biases.
+        scaled: divide scores by sqrt(head_dim) (T5 folds that into its initialisation instead).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        head_dim: int | None = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        scaled: bool = True,
+    ):
+        super().__init__()
+        if head_dim is None:
+            if d_model % n_head:
+                raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}")
+            head_dim = d_model // n_head
+        self.n_head, self.head_dim = n_head, head_dim
+        self.dropout = dropout
+        self.scale = None if scaled else 1.0
+        inner = n_head * head_dim
+        self.q = nn.Linear(d_model, inner, bias=bias)
+        self.k = nn.Linear(d_model, inner, bias=bias)
+        self.v = nn.Linear(d_model, inner, bias=bias)
+        self.o = nn.Linear(inner, d_model, bias=bias)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
+
+    def keys_values(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project (B, S, C) states to (B, heads, S, head_dim) keys and values."""
+        return self._heads(self.k(states)), self._heads(self.v(states))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        """Attend from (B, T, C) queries.
+
+        Args:
+            mask: boolean (True = attend) or additive float mask broadcastable to (B, heads, T, S).
+            kv: precomputed keys and values (cross-attention); None attends over ``x`` itself.
+            cache: self-attention cache of earlier positions; the new keys and values are appended.
+        Returns:
+            (B, T, C) attention output, after the output projection.
+        """
+        q = self._heads(self.q(x))
+        if kv is None:
+            k, v = self.keys_values(x)
+            if cache is not None:
+                k, v = cache.append(k, v)
+        else:
+            k, v = kv
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
+        B, _, T, _ = y.shape
+        return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):

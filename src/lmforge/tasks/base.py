@@ -10,7 +10,7 @@ from lmforge.errors import LmforgeError
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory, configure_optimization
 from lmforge.tasks.rng import capture_rng_state, restore_rng_state
 
-KIND_NAMES = {"encoder": "an encoder", "decoder": "a decoder", "rnn": "an RNN"}
+KIND_NAMES = {"encoder": "an encoder", "decoder": "a decoder", "rnn": "an RNN", "seq2seq": "an encoder-decoder"}
 
 
 class TaskModule(pl.LightningModule):

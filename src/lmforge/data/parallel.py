@@ -1,0 +1,129 @@
+"""Parallel texts (translation pairs, dialogue/summary pairs): aligned plain-text files, CSV/JSON lines or the hub.
+
+Aligned plain-text files hold one sentence per line, line i of ``train.en`` translating
+line i of ``train.de`` (Multi30k's layout); a local file name written ``train.{lang}`` is read
+once per side. Tables (CSV, TSV, JSON lines, hub datasets) hold one pair per row, in two
+columns or in a ``translation`` column of ``{lang: text}`` records (WMT on the hub).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.data.sources import SPLITS, LabeledTexts
+from lmforge.errors import LmforgeError
+
+
+@dataclass
+class ParallelTexts(LabeledTexts):
+    """Pairs of texts: per split, ``{"source": [...], "target": [...]}``.
+
+    Reads like :class:`LabeledTexts` (a user's ``path``, the mirror, the hub; a seeded hold-out when
+    there is no validation split), but keeps two text columns and no labels.
+
+    Args (beyond :class:`TextCorpus`):
+        source_column: column (or language code of aligned files) of the input side, e.g. ``en`` or ``dialogue``.
+        target_column: column (or language code) of the output side, e.g. ``de`` or ``summary``.
+        path: a user's own data: a folder with ``train.<source_column>`` / ``train.<target_column>``
+            aligned files (and ``val``/``valid``/``validation``/``dev``, ``test``), a folder of split
+            tables, or one table (split into train/validation by ``holdout_fraction``).
+    """
+
+    source_column: str = "source"
+    target_column: str = "target"
+
+    def training_text(self, splits: dict) -> str:
+        """Both sides of the training pairs, one text per line: a joint vocabulary is trained on them."""
+        train = splits["train"]
+        return "\n".join(train["source"] + train["target"])
+
+    @staticmethod
+    def _size(split) -> str:
+        return f"{len(split['source']):,} pairs"
+
+    def data_arguments(self) -> dict:
+        """Nothing beyond the pairs."""
+        return {}
+
+    def _locate(self, data_dir: str | None) -> tuple[dict, str]:
+        if self.path and Path(self.path).expanduser().is_dir():
+            folder = Path(self.path).expanduser()
+            files = self._aligned_files(folder)
+            if files:
+                return self._read_aligned(files), str(folder)
+        return super()._locate(data_dir)
+
+    def _aligned_files(self, folder: Path) -> dict[str, str]:
+        """Split -> file-name pattern (``train.{lang}``) of the aligned files a user's folder holds."""
+        found = {}
+        for split, stems in self.SPLIT_STEMS.items():
+            for stem in stems:
+                if split not in found and (folder / f"{stem}.{self.source_column}").is_file():
+                    found[split] = str(folder / f"{stem}.{{lang}}")
+        return found
+
+    def _from_folder(self, folder: Path) -> dict:
+        if not any("{lang}" in name for name in self.local_files.values()):
+            return super()._from_folder(folder)
+        files = {split: str(folder / name) for split, name in self.local_files.items()}
+        files = {split: pattern for split, pattern in files.items()
+                 if Path(pattern.format(lang=self.source_column)).is_file()}  # fmt: skip
+        if not files:
+            raise LmforgeError(
+                f"Dataset folder {folder} has no {self.source_column} files "
+                f"({', '.join(name.format(lang=self.source_column) for name in self.local_files.values())})."
+            )
+        return self._read_aligned(files)
+
+    def _read_aligned(self, files: dict[str, str]) -> dict:
+        """Read ``{lang}`` file pairs; the two sides must have the same number of lines."""
+        out = {}
+        for split, pattern in files.items():
+            sides = []
+            for lang in (self.source_column, self.target_column):
+                path = Path(pattern.format(lang=lang))
+                if not path.is_file():
+                    raise LmforgeError(f"{path} is missing: aligned files come in pairs, one per language.")
+                sides.append(path.read_text(encoding="utf-8").rstrip("\n").split("\n"))
+            if len(sides[0]) != len(sides[1]):
+                raise LmforgeError(
+                    f"{pattern.format(lang=self.source_column)} has {len(sides[0]):,} lines but "
+                    f"{pattern.format(lang=self.target_column)} has {len(sides[1]):,}; aligned files must match line for line."
+                )
+            out["unsplit" if split == "train" and "validation" not in files else split] = {
+                "source": sides[0], "target": sides[1]
+            }  # fmt: skip
+        return out
+
+    def _columns(self, ds) -> dict:
+        out = {}
+        for split in ds:
+            if split not in (*SPLITS, "unsplit"):
+                continue
+            table = ds[split]
+            if "translation" in table.column_names and self.source_column not in table.column_names:
+                pairs = table["translation"]
+                sources = [pair.get(self.source_column) for pair in pairs[:1]]
+                if None in sources:
+                    raise LmforgeError(
+                        f"Dataset '{self.name}' has languages {', '.join(pairs[0])}, not {self.source_column}; "
+                        f"set task.source_lang / task.target_lang."
+                    )
+                out[split] = {
+                    "source": [pair[self.source_column] for pair in pairs],
+                    "target": [pair[self.target_column] for pair in pairs],
+                }
+                continue
+            for column in (self.source_column, self.target_column):
+                if column not in table.column_names:
+                    raise LmforgeError(
+                        f"Dataset '{self.name}' split {split} has no column '{column}' "
+                        f"(it has: {', '.join(table.column_names)}); set task.source_column / task.target_column."
+                    )
+            # SAMSum's dialogues break lines with \r\n or \n, as released: one convention for the tokenizer.
+            out[split] = {
+                "source": [str(t or "").replace("\r\n", "\n") for t in table[self.source_column]],
+                "target": [str(t or "").replace("\r\n", "\n") for t in table[self.target_column]],
+            }
+        return out

@@ -1,0 +1,86 @@
+"""Seq2seq data: tokenized source/target pairs, padded per batch, with the raw references kept for BLEU and ROUGE."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer
+
+from lmforge.data.datamodules import ExampleDataModule
+from lmforge.data.tokenizers import eos_token_id, pad_token_id
+
+IGNORE = -100  # label of positions the loss skips (padding)
+
+
+class Seq2SeqDataModule(ExampleDataModule):
+    """Batches of ``input_ids`` / ``attention_mask`` (the source, ending with EOS), ``decoder_input_ids``
+    (EOS, then the target: teacher forcing), ``labels`` (the target, then EOS; -100 on padding)
+    and ``target_text`` (the untokenized references).
+
+    Args:
+        texts: split -> {"source": [...], "target": [...]} (from :class:`lmforge.data.parallel.ParallelTexts`).
+        tokenizer: the run's tokenizer; it must have an end-of-sequence token.
+        max_source_length: longest source in tokens (EOS included); longer ones are cut.
+        max_target_length: longest target in tokens (EOS included); longer ones are cut.
+        source_prefix: text put before every source (T5's "summarize: ").
+        batch_size: pairs per training batch.
+        eval_batch_size: pairs per validation and test batch (None: ``batch_size``).
+        seed: seed of the training order.
+        num_workers: DataLoader worker processes.
+        cache_dir: unused; accepted so every DataModule is built alike.
+    """
+
+    size_unit = "pairs"
+
+    def __init__(
+        self,
+        texts: dict[str, dict[str, list[str]]],
+        tokenizer: Tokenizer,
+        max_source_length: int = 256,
+        max_target_length: int = 128,
+        source_prefix: str = "",
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+    ):
+        super().__init__(batch_size, eval_batch_size, seed, num_workers)
+        self.eos_id = eos_token_id(tokenizer)
+        self.pad_id = pad_token_id(tokenizer)
+        self.block_size = max(max_source_length, max_target_length)
+        self.examples = {}
+        for split, pairs in texts.items():
+            sources = self._encode(tokenizer, [source_prefix + s for s in pairs["source"]], max_source_length)
+            targets = self._encode(tokenizer, pairs["target"], max_target_length)
+            self.examples[split] = list(zip(sources, targets, pairs["target"], strict=True))
+
+    def _encode(self, tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+        """Token ids of each text, cut to ``max_length - 1``, then EOS."""
+        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [e.ids[: max_length - 1] + [self.eos_id] for e in encodings]
+
+    def task_arguments(self) -> dict:
+        """Nothing beyond the tokenizer, which the task gets anyway."""
+        return {}
+
+    def collate(self, batch: list[tuple[list[int], list[int], str]]) -> dict:
+        """Pad a list of (source ids, target ids, target text) to the longest of the batch, on the right."""
+        n = len(batch)
+        longest_source = max(len(source) for source, _, _ in batch)
+        longest_target = max(len(target) for _, target, _ in batch)
+        input_ids = torch.full((n, longest_source), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, longest_source), dtype=torch.long)
+        decoder_input_ids = torch.full((n, longest_target), self.pad_id, dtype=torch.long)
+        labels = torch.full((n, longest_target), IGNORE, dtype=torch.long)
+        for i, (source, target, _) in enumerate(batch):
+            input_ids[i, : len(source)] = torch.tensor(source)
+            attention_mask[i, : len(source)] = 1
+            decoder_input_ids[i, : len(target)] = torch.tensor([self.eos_id] + target[:-1])
+            labels[i, : len(target)] = torch.tensor(target)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "decoder_input_ids": decoder_input_ids,
+            "labels": labels,
+            "target_text": [text for _, _, text in batch],
+        }
