@@ -12,14 +12,11 @@ as every SST-2 run does) and of the last step, and the unofficial test accuracy.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from recipe_runs import logged, run_recipe
 
 # name -> overrides of `python train.py`. Stage runs (pretrain-finetune) report the fine-tuning stage
 # with the wall time of both stages.
@@ -46,24 +43,9 @@ RECIPES = {
 
 def run(name: str, seed: int, output_root: Path) -> dict:
     """Train one recipe; return its (last) results record with the whole command's wall time."""
-    cmd = [sys.executable, str(REPO / "train.py"), *RECIPES[name], f"seed={seed}", "logger=none",
-           f"paths.output_root={output_root}"]  # fmt: skip
-    start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-    wall = time.perf_counter() - start
-    records = [json.loads(line) for line in (output_root / "results.jsonl").read_text().splitlines()]
-    record = records[-1]
-    last = [float(r["val/acc"]) for r in _csv_rows(Path(record["run_dir"])) if r.get("val/acc")][-1]
-    return {"name": name, "seed": seed, "wall_s": wall, "stages": len(records), "last_val_acc": last, **record}
-
-
-def _csv_rows(run_dir: Path) -> list[dict]:
-    import csv
-
-    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
+    record, wall, stages = run_recipe([*RECIPES[name], f"seed={seed}"], output_root)
+    last = logged(record["run_dir"], "val/acc")[-1][1]
+    return {"name": name, "seed": seed, "wall_s": wall, "stages": stages, "last_val_acc": last, **record}
 
 
 def main() -> None:

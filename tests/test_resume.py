@@ -20,9 +20,17 @@ SPLIT_CLASSIFICATION = ["model=gru", "task=sst2", "model.hidden_size=16", "model
                         "trainer.max_steps=8", "trainer.val_check_interval=4", "trainer.limit_val_batches=2",
                         "trainer.log_every_n_steps=1", "test_after_fit=false"]  # fmt: skip
 
+# And for seq2seq: a Transformer on Multi30k, with bucketed batches and dropout.
+SPLIT_SEQ2SEQ = ["model=transformer", "task=multi30k", "model.n_layer=1", "model.n_decoder_layer=1", "model.d_model=32",
+                 "model.d_ff=64", "model.n_head=2", "task.data.batch_size=16", "logger=none", "trainer.max_steps=8",
+                 "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
+                 "task.module.val_generate_limit=4", "task.module.max_new_tokens=4", "test_after_fit=false"]  # fmt: skip
+
 
 @pytest.mark.parametrize(
-    "split", [SPLIT, pytest.param(SPLIT_CLASSIFICATION, marks=requires_data)], ids=["language-model", "classifier"]
+    "split",
+    [SPLIT, pytest.param(SPLIT_CLASSIFICATION, marks=requires_data), pytest.param(SPLIT_SEQ2SEQ, marks=requires_data)],
+    ids=["language-model", "classifier", "seq2seq"],
 )
 def test_crash_then_resume_ends_where_an_uninterrupted_run_ends(cfg_factory, split):
     straight = run_training(cfg_factory(split))

@@ -29,15 +29,44 @@ def _device(name: str) -> torch.device:
 
 
 def generate_from_run(cfg: DictConfig) -> list[str]:
-    """Continue ``cfg.prompt`` with a run's model; print and return ``cfg.num_samples`` texts."""
+    """Continue ``cfg.prompt`` with a language model, or translate/summarise ``cfg.text`` with a seq2seq run.
+
+    Prints and returns the generated texts.
+    """
     setup_console()
     if OmegaConf.is_missing(cfg, "run"):
         raise LmforgeError('Say which run to use: lmforge-generate run=<run dir> prompt="ROMEO:"')
     run = load_run(cfg.run, cfg.checkpoint)
-    if getattr(run.backbone, "kind", None) != "decoder":
+    if run.cfg.task.module._target_.endswith("Seq2SeqTask"):
+        texts = _generate_seq2seq(run, cfg)
+    elif getattr(run.backbone, "kind", None) != "decoder":
         raise LmforgeError(
             f"The model of {run.run_dir} ({run.cfg.model.name}) is not a decoder; it cannot generate text."
         )
+    else:
+        texts = _continue_prompt(run, cfg)
+    for i, text in enumerate(texts):
+        if i:
+            print("-" * 40)
+        print(text)
+    return texts
+
+
+def _sampling_options(cfg: DictConfig) -> dict[str, Any]:
+    """The decoding options of conf/generate.yaml, as :func:`lmforge.generation.generate` arguments."""
+    return dict(
+        temperature=0.0 if cfg.greedy else cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        num_beams=cfg.num_beams or 1,
+        length_penalty=cfg.length_penalty,
+        repetition_penalty=cfg.repetition_penalty,
+        use_cache=cfg.use_cache,
+    )
+
+
+def _continue_prompt(run, cfg: DictConfig) -> list[str]:
+    """``num_samples`` continuations of the prompt by a language model."""
     device = _device(cfg.device)
     model = run.backbone.to(device)
     prompt = run.tokenizer.encode(cfg.prompt, add_special_tokens=False).ids
@@ -45,23 +74,30 @@ def generate_from_run(cfg: DictConfig) -> list[str]:
         raise LmforgeError("The prompt is empty after tokenization; give some text, e.g. prompt='\\n'.")
     input_ids = torch.tensor([prompt] * cfg.num_samples, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    out = generate(
-        model,
-        input_ids,
-        cfg.max_new_tokens,
-        temperature=0.0 if cfg.greedy else cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        eos_token_id=run.tokenizer.token_to_id(EOS),
-        generator=generator,
-        use_cache=cfg.use_cache,
-    )
-    texts = [run.tokenizer.decode(row.tolist()) for row in out]
-    for i, text in enumerate(texts):
-        if i:
-            print("-" * 40)
-        print(text)
-    return texts
+    out = generate(model, input_ids, cfg.max_new_tokens, eos_token_id=run.tokenizer.token_to_id(EOS),
+                   generator=generator, **_sampling_options(cfg))  # fmt: skip
+    return [run.tokenizer.decode(row.tolist()) for row in out]
+
+
+def _generate_seq2seq(run, cfg: DictConfig) -> list[str]:
+    """The output of a seq2seq run (translation, summary) for each of ``text=`` (one text or a list).
+
+    Beam search with the run's ``num_beams`` unless ``num_beams=`` or sampling options say otherwise.
+    """
+    if cfg.get("text") is None:
+        raise LmforgeError(
+            f'{run.run_dir} is a {run.cfg.task.name} run: say what to transform, e.g. text="A man is riding a bike."'
+        )
+    sources = [cfg.text] if isinstance(cfg.text, str) else [str(t) for t in cfg.text]
+    task = make_task(run.cfg, run.backbone, run.tokenizer, {})
+    options = _sampling_options(cfg)
+    options["num_beams"] = 1 if cfg.sample else (cfg.num_beams or task.num_beams)
+    if not cfg.sample:
+        options["temperature"] = 0.0
+    task.to(_device(cfg.device)).eval()
+    torch.manual_seed(cfg.seed)
+    return task.generate_texts(sources, run.cfg.task.data.get("source_prefix", ""), max_new_tokens=cfg.max_new_tokens,
+                               **options)  # fmt: skip
 
 
 def evaluate_run(cfg: DictConfig) -> dict[str, Any]:

@@ -24,6 +24,7 @@ class Seq2SeqDataModule(ExampleDataModule):
         source_prefix: text put before every source (T5's "summarize: ").
         batch_size: pairs per training batch.
         eval_batch_size: pairs per validation and test batch (None: ``batch_size``).
+        bucket_by_length: batch pairs of similar lengths together (less padding: faster steps).
         seed: seed of the training order.
         num_workers: DataLoader worker processes.
         cache_dir: unused; accepted so every DataModule is built alike.
@@ -40,6 +41,7 @@ class Seq2SeqDataModule(ExampleDataModule):
         source_prefix: str = "",
         batch_size: int = 32,
         eval_batch_size: int | None = None,
+        bucket_by_length: bool = True,
         seed: int = 0,
         num_workers: int = 0,
         cache_dir: str | None = None,
@@ -48,6 +50,7 @@ class Seq2SeqDataModule(ExampleDataModule):
         self.eos_id = eos_token_id(tokenizer)
         self.pad_id = pad_token_id(tokenizer)
         self.block_size = max(max_source_length, max_target_length)
+        self.bucket_by_length = bucket_by_length
         self.examples = {}
         for split, pairs in texts.items():
             sources = self._encode(tokenizer, [source_prefix + s for s in pairs["source"]], max_source_length)
@@ -58,6 +61,12 @@ class Seq2SeqDataModule(ExampleDataModule):
         """Token ids of each text, cut to ``max_length - 1``, then EOS."""
         encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
         return [e.ids[: max_length - 1] + [self.eos_id] for e in encodings]
+
+    def training_lengths(self) -> list[int] | None:
+        """Source plus target length of each training pair, when bucketing."""
+        if not self.bucket_by_length:
+            return None
+        return [len(source) + len(target) for source, target, _ in self.examples["train"]]
 
     def task_arguments(self) -> dict:
         """Nothing beyond the tokenizer, which the task gets anyway."""

@@ -300,7 +300,7 @@ class LabeledTexts(TextCorpus):
         if "unsplit" not in texts:
             return texts
         data = texts.pop("unsplit")
-        n = len(data["text"])
+        n = len(next(iter(data.values())))
         order = random.Random(self.seed).sample(range(n), n)
         cut = max(1, int(n * self.holdout_fraction))
         held, kept = order[:cut], order[cut:]
