@@ -254,3 +254,23 @@ def test_length_bucketing_keeps_every_pair_once_and_cuts_padding():
     resumed = ResumableShuffleSampler(3000, seed=1, lengths=lengths, batch_size=32)
     resumed.skip = 320
     assert list(resumed) == bucketed[320:]  # a resumed run continues the same batches
+
+
+@pytest.mark.slow
+def test_ddp_scores_every_validation_pair_once(tmp_path):
+    from conftest import run_cli
+
+    write_aligned(tmp_path / "pairs")
+    result = run_cli([*TOY_RUN, f"task.data.path={tmp_path / 'pairs'}", "model=transformer", "model.n_layer=1",
+                      "model.n_decoder_layer=1", "model.d_model=64", "model.d_ff=128", "model.n_head=2",
+                      "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_steps=60",
+                      "trainer.val_check_interval=60", "test_after_fit=false", f"paths.output_root={tmp_path / 'out'}"],
+                     timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "results.jsonl").read_text())
+    # One process over the whole validation split, same weights: the same loss and BLEU as the two ranks together.
+    alone = evaluate_run(entry_cfg("evaluate", [f"run={record['run_dir']}", "split=validation", "checkpoint=last",
+                                                "device=cpu"]))  # fmt: skip
+    assert alone["metrics"]["val/loss"] == pytest.approx(record["metrics"]["val/loss"], abs=1e-4)
+    assert alone["metrics"]["val/bleu"] == pytest.approx(record["metrics"]["val/bleu"], abs=0.5)
+    assert 1 < record["metrics"]["val/bleu"] < 95  # learning, not learnt: half the pairs would score differently
