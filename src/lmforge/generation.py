@@ -68,7 +68,7 @@ class DecoderSteps:
             return self.model(ids[:, self.cache.length :], attention_mask=mask, cache=self.cache)[:, -1]
         return self.model(ids[:, -n:], attention_mask=None if mask is None else mask[:, -n:])[:, -1]
 
-    def reorder(self, index: torch.Tensor) -> None:
+    def reorder(self, index: torch.Tensor, same_source: bool = False) -> None:
         """Keep (and repeat) the batch rows in ``index``."""
         self.mask = select_rows(self.mask, index)
         if self.cache is not None:
@@ -90,12 +90,16 @@ class EncoderDecoderSteps:
             return self.model.decode(ids, self.memory, self.memory_mask)[:, -1]
         return self.model.decode(ids[:, self.cache.length :], self.memory, self.memory_mask, self.cache)[:, -1]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep (and repeat) the batch rows in ``index``: source encodings, masks and caches."""
-        self.memory = select_rows(self.memory, index)
-        self.memory_mask = select_rows(self.memory_mask, index)
+    def reorder(self, index: torch.Tensor, same_source: bool = False) -> None:
+        """Keep (and repeat) the batch rows in ``index``: source encodings, masks and caches.
+
+        ``same_source``: each row is replaced by a row of the same source, whose encoding is the same.
+        """
+        if not same_source:
+            self.memory = select_rows(self.memory, index)
+            self.memory_mask = select_rows(self.memory_mask, index)
         if self.cache is not None:
-            self.cache.reorder(index)
+            self.cache.reorder(index, same_source)
 
 
 @torch.no_grad()
@@ -230,7 +234,7 @@ def _beam_search(steps, ids, max_new_tokens, num_beams, length_penalty, early_st
                 best_live = normalise(max(keep_scores[-K:]), step + 1)
                 done[b] = early_stopping or finished[b][-1][0] >= best_live
         index = torch.tensor(keep_rows, device=device)
-        steps.reorder(index)
+        steps.reorder(index, same_source=True)
         ids = torch.cat([ids.index_select(0, index), torch.tensor(keep_tokens, device=device)[:, None]], dim=1)
         scores = torch.tensor(keep_scores, device=device).view(B, K)
         if all(done):

@@ -112,10 +112,16 @@ class KVCache:
         """Number of cached positions."""
         return self.layers[0].length
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep (and repeat) the batch rows in ``index`` in every layer."""
+    def reorder(self, index: torch.Tensor, same_source: bool = False) -> None:
+        """Keep (and repeat) the batch rows in ``index`` in every layer.
+
+        ``same_source``: every row is replaced by a row of the same source (beam search after its
+        first step), so the encoder's keys and values, identical across those rows, stay as they are.
+        """
         for layer in self.layers:
             layer.reorder(index)
+        if same_source:
+            return
         self.cross = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
                       for kv in self.cross]  # fmt: skip
 

@@ -103,8 +103,12 @@ class RNNDecoderCache:
         self.state, self.feed = state, feed
         self._length += n_tokens
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep (and repeat) the batch rows in ``index``: beam search follows its surviving beams."""
+    def reorder(self, index: torch.Tensor, same_source: bool = False) -> None:
+        """Keep (and repeat) the batch rows in ``index``: beam search follows its surviving beams.
+
+        ``same_source`` is accepted for the interface of :class:`lmforge.models.layers.KVCache`; the
+        recurrent state is reordered either way.
+        """
         if self.state is not None:
             self.state = tuple(s.index_select(0, index) for s in self.state)
             self.feed = self.feed.index_select(0, index)
