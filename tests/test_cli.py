@@ -10,7 +10,8 @@ from lmforge.errors import LmforgeError
 def test_unknown_group_choice_lists_the_names_that_exist():
     with pytest.raises(
         LmforgeError,
-        match=r"^Unknown model 'gtp2'; choose one of: bert-base, bert-mini, bert-tiny, gpt2, gpt2-mini, gpt2-tiny, gru, lstm\.$",
+        match=r"^Unknown model 'gtp2'; choose one of: bert-base, bert-mini, bert-tiny, gpt2, gpt2-mini, gpt2-tiny, gru, "
+        r"gru-attention, lstm, lstm-attention, t5-mini, t5-small, t5-tiny, transformer\.$",
     ):
         check_group_choices(["model=gtp2"])
     with pytest.raises(LmforgeError, match="Unknown task 'nope'"):
@@ -28,7 +29,8 @@ def test_cli_unknown_model_is_one_line_and_exit_1():
     assert result.returncode == 1
     assert (
         result.stderr.strip()
-        == "error: Unknown model 'gtp2'; choose one of: bert-base, bert-mini, bert-tiny, gpt2, gpt2-mini, gpt2-tiny, gru, lstm."
+        == "error: Unknown model 'gtp2'; choose one of: bert-base, bert-mini, bert-tiny, gpt2, gpt2-mini, gpt2-tiny, "
+        "gru, gru-attention, lstm, lstm-attention, t5-mini, t5-small, t5-tiny, transformer."
     )
     assert "Traceback" not in result.stderr + result.stdout
 
