@@ -29,8 +29,8 @@ RECIPES = {
     "gpt2-tiny-prefix-lm": [*MULTI30K, "model=gpt2-tiny", "tokenizer=bpe", "model.dropout=0.1", "optimizer.lr=1e-3",
                             "trainer.max_steps=3000"],
     "samsum-transformer": ["model=transformer", "model.norm_first=true", "task=samsum", "optimizer.lr=7e-4",
-                           "optimizer.betas=[0.9,0.98]", "scheduler.warmup_steps=200", "trainer.max_steps=1000",
-                           "trainer.val_check_interval=500", "trainer.limit_val_batches=1.0"],
+                           "optimizer.betas=[0.9,0.98]", "scheduler.warmup_steps=100", "trainer.max_steps=600",
+                           "trainer.val_check_interval=300", "trainer.limit_val_batches=1.0"],
 }  # fmt: skip
 
 
