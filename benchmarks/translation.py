@@ -27,7 +27,7 @@ RECIPES = {
     "t5-tiny": [*MULTI30K, "model=t5-tiny", "optimizer.lr=1e-3", "trainer.max_steps=3000"],
     "lstm-attention": [*MULTI30K, "model=lstm-attention", "optimizer.lr=2e-3", "trainer.max_steps=1000"],
     "gpt2-tiny-prefix-lm": [*MULTI30K, "model=gpt2-tiny", "tokenizer=bpe", "model.dropout=0.1", "optimizer.lr=1e-3",
-                            "trainer.max_steps=3000"],
+                            "trainer.max_steps=2000"],
     "samsum-transformer": ["model=transformer", "model.norm_first=true", "task=samsum", "optimizer.lr=7e-4",
                            "optimizer.betas=[0.9,0.98]", "scheduler.warmup_steps=100", "trainer.max_steps=600",
                            "trainer.val_check_interval=300", "trainer.limit_val_batches=1.0"],

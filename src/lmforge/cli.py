@@ -99,10 +99,12 @@ def _prestart_wandb() -> None:
 
 
 def generate() -> None:
-    """Sample text from a run's model: ``lmforge-generate run=<run dir> prompt="ROMEO:" max_new_tokens=200``.
+    """Sample text from a run's model: ``lmforge-generate run=<run dir> prompt="ROMEO:" max_new_tokens=200``;
+    translate or summarise with a seq2seq run: ``lmforge-generate run=<run dir> text="A man is riding a bike."``.
 
     Options (``key=value``): checkpoint=best|last|<path>, num_samples, temperature, top_k,
-    top_p, greedy=true, seed, use_cache, device; see conf/generate.yaml.
+    top_p, greedy=true, num_beams, length_penalty, repetition_penalty, sample=true (seq2seq),
+    seed, use_cache, device; see conf/generate.yaml.
     """
 
     def run(cfg):
