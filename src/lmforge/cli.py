@@ -145,5 +145,21 @@ def predict() -> None:
     _hydra_entry(run, "predict")
 
 
+def export() -> None:
+    """Write a run as a Hugging Face model folder: ``lmforge-export run=<run dir> out=<folder>``.
+
+    The folder (config.json, model.safetensors, tokenizer, model card) loads with
+    ``transformers``' ``AutoModelFor...from_pretrained``. Options: checkpoint=best|last|<path>;
+    see conf/export.yaml.
+    """
+
+    def run(cfg):
+        from lmforge.export import export_run
+
+        export_run(cfg.run, cfg.out, cfg.checkpoint)
+
+    _hydra_entry(run, "export")
+
+
 if __name__ == "__main__":
     train()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from lmforge.callbacks import TokenThroughput
 from lmforge.errors import LmforgeError
+from lmforge.finetune import FinetuneMethod, Full
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +52,29 @@ def _instantiate_reporting(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
+# Keys of a model config that describe it rather than being constructor arguments.
+MODEL_DESCRIPTION_KEYS = ("name", "pretrained", "hub_id", "targets")
+
+
 def build_backbone(model_cfg: DictConfig, vocab_size: int) -> nn.Module:
-    """Instantiate a backbone from its ``model=`` config for a tokenizer's vocabulary size."""
+    """Instantiate a backbone from its ``model=`` config.
+
+    Args:
+        vocab_size: the tokenizer's vocabulary size, used unless the config fixes one
+            (a pretrained checkpoint's embedding table may be larger than its tokenizer).
+    """
     try:
-        return instantiate(_without(model_cfg, "name"), vocab_size=vocab_size)
+        return instantiate(
+            _without(model_cfg, *MODEL_DESCRIPTION_KEYS), vocab_size=model_cfg.get("vocab_size") or vocab_size
+        )
     except InstantiationException as err:  # a key this model does not take, a value it refuses
         raise LmforgeError(f"Model {model_cfg.get('name')} cannot be built from its config: {err.__cause__}.") from err
+
+
+def build_finetune(cfg: DictConfig) -> FinetuneMethod:
+    """The ``finetune=`` method of a run (``full`` for configs saved before the group existed)."""
+    node = cfg.get("finetune")
+    return _instantiate_reporting(_without(node, "name")) if node else Full()
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
@@ -142,22 +161,34 @@ def check_pairing(cfg: DictConfig) -> None:
         task_class.check_backbone(model_kind, cfg.model.name)
 
 
-def build_run(cfg: DictConfig, loggers: list[Any] | None = None, tokenizer: Tokenizer | None = None) -> Run:
+def build_run(
+    cfg: DictConfig,
+    loggers: list[Any] | None = None,
+    tokenizer: Tokenizer | None = None,
+    load_weights: Callable[[pl.LightningModule], str] | None = None,
+) -> Run:
     """Build tokenizer, data, backbone, task and trainer from a composed config.
 
     Args:
         cfg: the composed ``train.yaml`` with ``paths.run_dir`` set.
         loggers: already built loggers (the CLI builds them first to report where they write);
             None builds them from the config.
-        tokenizer: a run's saved tokenizer (resume); None builds one from the config.
+        tokenizer: a run's saved tokenizer (resume) or a checkpoint's; None builds one from the config.
+        load_weights: copies starting weights (a public checkpoint, another run's) into the built
+            task and returns a line saying what it loaded.
     """
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer, datamodule = build_data(cfg, tokenizer)
     backbone = build_backbone(cfg.model, tokenizer.get_vocab_size())
+    task = build_task(cfg, backbone, tokenizer, datamodule)
+    if load_weights is not None:
+        log.info(load_weights(task))
+    method = build_finetune(cfg)
+    method.apply(backbone, cfg.model.get("targets"), cfg.model.name)
+    task.finetune = method
     if cfg.get("compile"):
         backbone.compile()  # in place: parameter names (and checkpoints) stay the same
-    task = build_task(cfg, backbone, tokenizer, datamodule)
-    callbacks = build_callbacks(cfg)
+    callbacks = [*build_callbacks(cfg), *method.callbacks()]
     trainer = instantiate(
         cfg.trainer, logger=loggers if loggers is not None else build_loggers(cfg), callbacks=callbacks
     )

@@ -17,7 +17,7 @@ from lmforge.console import setup_console
 from lmforge.data.tokenizers import EOS
 from lmforge.errors import LmforgeError
 from lmforge.generation import generate
-from lmforge.runs import load_checkpoint, load_run
+from lmforge.runs import load_checkpoint, load_run, load_task_state
 
 log = logging.getLogger("lmforge")
 
@@ -118,7 +118,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
         raise LmforgeError(f"split={split} is not one lmforge-evaluate scores; use split=test or split=validation.")
     no_samples = {"num_samples": 0} if "num_samples" in saved.task.module else {}
     task = build_task(saved, run.backbone, run.tokenizer, datamodule, **no_samples)
-    task.load_state_dict(load_checkpoint(run.checkpoint)["state_dict"])  # the head too, not only the backbone
+    load_task_state(task, load_checkpoint(run.checkpoint))  # the head too, not only the backbone
     limit = cfg.limit_batches if cfg.limit_batches is not None else 1.0
     trainer = pl.Trainer(
         default_root_dir=run.run_dir,  # where the task writes its reports (the confusion matrix)
@@ -183,7 +183,7 @@ def predict_from_run(cfg: DictConfig) -> list[dict[str, Any]]:
             f"The task of {run.run_dir} ({run.cfg.task.name}) does not label texts; "
             f"lmforge-predict serves classification and tagging runs (lmforge-generate samples from language models)."
         )
-    task.load_state_dict(checkpoint["state_dict"])
+    load_task_state(task, checkpoint)
     task.to(_device(cfg.device)).eval()
     texts = _read_inputs(cfg)
     results = []

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 from torch import nn
 
-from lmforge.compose import build_backbone
+from lmforge.compose import build_backbone, build_finetune
 from lmforge.data.tokenizers import load_tokenizer
 from lmforge.errors import LmforgeError
 
@@ -81,14 +81,42 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> SavedRun:
     tokenizer = load_tokenizer(run_dir)
     path = find_checkpoint(run_dir, checkpoint)
     backbone = build_backbone(cfg.model, tokenizer.get_vocab_size())
-    state = backbone_state_dict(load_checkpoint(path))
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    saved = load_checkpoint(path)
+    if saved.get("base"):  # an adapter run: its checkpoints hold the adapters, the base comes from where it started
+        load_base_weights(backbone, saved["base"])
+    build_finetune(cfg).apply(backbone, cfg.model.get("targets"), cfg.model.name)
+    missing, unexpected = backbone.load_state_dict(backbone_state_dict(saved), strict=False)
+    if unexpected or (missing and not saved.get("base")):
         raise LmforgeError(
             f"Checkpoint {path} does not fit the run's model {cfg.model.name} (missing {len(missing)}, unexpected {len(unexpected)} tensors)."
         )
     backbone.eval()
     return SavedRun(run_dir, cfg, tokenizer, backbone, path)
+
+
+def load_base_weights(backbone: nn.Module, base: dict[str, str]) -> None:
+    """Load the frozen base an adapter run started from: ``{"pretrained": folder}`` or ``{"init_from": ckpt}``."""
+    if "pretrained" in base:
+        from lmforge.models.pretrained import family_of_backbone, import_state, read_hf_folder
+
+        folder = Path(base["pretrained"])
+        family = family_of_backbone(f"{type(backbone).__module__}.{type(backbone).__name__}")
+        config, hf_state = read_hf_folder(folder)
+        state = {n.removeprefix("backbone."): t for n, t in import_state(family, hf_state)[0].items()}
+    else:
+        state = backbone_state_dict(load_checkpoint(Path(base["init_from"])))
+    backbone.load_state_dict(state, strict=False)
+
+
+def load_task_state(task: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Load a checkpoint's task weights (backbone and head); the frozen base of an adapter run is already loaded."""
+    missing, unexpected = task.load_state_dict(checkpoint["state_dict"], strict=False)
+    if checkpoint.get("base"):
+        missing = [name for name in missing if not name.startswith("backbone.")]
+    if missing or unexpected:
+        raise LmforgeError(
+            f"The checkpoint does not fit the run's task (missing {len(missing)}, unexpected {len(unexpected)} tensors)."
+        )
 
 
 def init_source(spec: str) -> tuple[Path, Path | None]:
@@ -107,7 +135,7 @@ def init_source(spec: str) -> tuple[Path, Path | None]:
     raise LmforgeError(f"init_from={spec}: no such run directory or checkpoint file.")
 
 
-def _groups(names: list[str]) -> str:
+def group_names(names: list[str]) -> str:
     """Parameter names summarised by their first two components, e.g. ``encoder.layer (24)``."""
     counts: dict[str, int] = {}
     for name in names:
@@ -137,8 +165,8 @@ def init_backbone(backbone: nn.Module, checkpoint: Path) -> str:
     backbone.load_state_dict({name: state[name] for name in loaded}, strict=False)
     fresh = [name for name in own if name not in state]
     skipped = [name for name in saved.get("state_dict", {}) if not name.startswith("backbone.")]
-    fresh_text = f"{_groups(fresh)} and the task head" if fresh else "the task head only"
+    fresh_text = f"{group_names(fresh)} and the task head" if fresh else "the task head only"
     return (
         f"init_from {checkpoint}: loaded {len(loaded)} of {len(own)} backbone tensors; "
-        f"newly initialised: {fresh_text}; not used from the checkpoint: {_groups(skipped)}"
+        f"newly initialised: {fresh_text}; not used from the checkpoint: {group_names(skipped)}"
     )

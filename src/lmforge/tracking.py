@@ -187,6 +187,17 @@ def hardware() -> dict[str, Any]:
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "gpus": gpus}
 
 
+def peak_memory_mb() -> float:
+    """Peak memory of this process so far: GPU memory allocated by torch on a GPU, else the peak resident set."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
 def run_metadata(seed: int) -> dict[str, Any]:
     """Everything needed to tell how a run was made: command, git, versions, hardware, seed."""
     return {

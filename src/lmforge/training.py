@@ -11,11 +11,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmforge import tracking
-from lmforge.compose import build_loggers, build_run, check_pairing
+from lmforge.compose import build_finetune, build_loggers, build_run, check_pairing
 from lmforge.console import log_to_file, setup_console
 from lmforge.data.tokenizers import load_tokenizer, save_tokenizer
 from lmforge.distributed import RUN_DIR_VAR, RUN_ID_VAR, is_rank_zero, shared_run_name
 from lmforge.errors import LmforgeError
+from lmforge.finetune import describe_trainable
+from lmforge.pretrained_weights import resolve_pretrained
 from lmforge.runs import init_backbone, init_source, load_checkpoint
 
 log = logging.getLogger("lmforge")
@@ -123,14 +125,23 @@ def resumed_config(resume: str, overrides: list[str]) -> DictConfig:
 def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.Stopwatch) -> dict[str, Any]:
     resuming = bool(cfg.get("resume"))
     last_ckpt = run_dir / "checkpoints" / "last.ckpt"
+    log.info("run dir: %s%s", run_dir, " (resuming from checkpoints/last.ckpt)" if resuming else "")
+    # A resumed run has its weights in last.ckpt already, except the frozen base of adapter methods (LoRA...),
+    # which its checkpoints leave out: init_from and model.pretrained start a new run or bring that base back.
+    load_start = not resuming or build_finetune(cfg).adds_weights
+    init_checkpoint, init_run = init_source(cfg.init_from) if cfg.get("init_from") and load_start else (None, None)
+    check_pairing(cfg)  # before W&B starts a run (or the hub a download) for nothing
+    pretrained = resolve_pretrained(cfg.model, cfg.paths.data_dir) if load_start and not init_checkpoint else None
+    with open_dict(cfg):  # the saved config must rebuild the model: the checkpoint fixes its architecture
+        if pretrained is not None:
+            cfg.model.update(pretrained.model_overrides())
+            cfg.model.pretrained = pretrained.source
+        elif cfg.model.get("pretrained") and not resuming:
+            cfg.model.pretrained = None  # auto found no weights: a resumed run must not find some later
     if is_rank_zero():
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         if resuming:
             tracking.keep_csv_history(run_dir / "csv")
-    log.info("run dir: %s%s", run_dir, " (resuming from checkpoints/last.ckpt)" if resuming else "")
-    # A resumed run has its weights in last.ckpt already; init_from only starts a new one.
-    init_checkpoint, init_run = init_source(cfg.init_from) if cfg.get("init_from") and not resuming else (None, None)
-    check_pairing(cfg)  # before W&B starts a run for nothing
     loggers = build_loggers(cfg)
     # W&B takes a few seconds to start: let it do so while the data and the model are built.
     starting = [
@@ -141,13 +152,27 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
     for thread in starting:
         thread.start()
     saved_tokenizer = run_dir if resuming else init_run  # the ids the weights were trained on
+    if saved_tokenizer:
+        tokenizer = load_tokenizer(saved_tokenizer)
+    else:  # a checkpoint's own tokenizer, else the one the config builds
+        tokenizer = pretrained.tokenizer if pretrained is not None else None
+    if pretrained is not None:
+        load_weights = pretrained.load_into
+    elif init_checkpoint is not None:
+        load_weights = lambda task: init_backbone(task.backbone, init_checkpoint)  # noqa: E731
+    else:
+        load_weights = None
     try:
-        run = build_run(cfg, loggers, tokenizer=load_tokenizer(saved_tokenizer) if saved_tokenizer else None)
-        if init_checkpoint is not None:
-            log.info(init_backbone(run.backbone, init_checkpoint))
+        run = build_run(cfg, loggers, tokenizer=tokenizer, load_weights=load_weights)
+        if pretrained is not None:
+            pretrained.check_tokenizer(run.tokenizer)
     finally:  # a failed build must not leave W&B starting behind our back
         for thread in starting:
             thread.join()
+    if load_weights is not None and run.task.finetune.adds_weights:
+        # Checkpoints keep the adapters and the head; the frozen base is reloaded from here.
+        run.task.base_weights = {"pretrained": pretrained.source} if pretrained else {"init_from": str(init_checkpoint)}
+        run.task.strict_loading = False
     if is_rank_zero():
         save_tokenizer(run.tokenizer, run_dir)
     n_params = sum(p.numel() for p in run.backbone.parameters())
@@ -181,6 +206,7 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         "steps": trainer.global_step,
         "metrics": metrics,
         "wall_time_s": round(wall, 2),
+        "peak_memory_mb": tracking.peak_memory_mb(),
         "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
         "startup_s": round(run.throughput.startup_seconds, 2)
         if run.throughput and run.throughput.startup_seconds
@@ -204,6 +230,7 @@ def _report_start(cfg: DictConfig, run, loggers: list[Any], n_params: int) -> No
     log.info("model: %s (%s, %s parameters)", cfg.model.name, type(run.backbone).__name__, _fmt_params(n_params))
     log.info("task: %s (%s %s)", cfg.task.name, sizes, getattr(run.datamodule, "size_unit", "examples"))
     log.info("tokenizer: %s (%d tokens)", cfg.tokenizer.get("name", "?"), run.tokenizer.get_vocab_size())
+    log.info("finetune: %s, %s", cfg.get("finetune", {}).get("name", "full"), describe_trainable(run.task))
     log.info("device: %s x%d, precision %s", device, trainer.num_devices, trainer.precision)
     hparams = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
@@ -216,7 +243,8 @@ def _report_start(cfg: DictConfig, run, loggers: list[Any], n_params: int) -> No
 
 def _summary(record: dict[str, Any], run, loggers: list[Any], curves: Path | None) -> None:
     shown = {k: v for k, v in record["metrics"].items() if k.startswith(("val/", "test/", "best_"))}
-    log.info("done in %.1f s (%s steps, %s tokens/s)", record["wall_time_s"], record["steps"], record["tokens_per_s"])
+    log.info("done in %.1f s (%s steps, %s tokens/s, peak memory %s MB)", record["wall_time_s"], record["steps"],
+             record["tokens_per_s"], record["peak_memory_mb"])  # fmt: skip
     log.info("metrics: %s", ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
     if record["best_checkpoint"]:
         log.info("best checkpoint: %s", record["best_checkpoint"])

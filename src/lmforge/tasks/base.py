@@ -39,6 +39,8 @@ class TaskModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         # Set by lmforge.compose.make_task: plain values (classes, characters per token) that rebuild the task.
         self.data_arguments: dict = {}
+        # Set by the training run for adapter methods: where the frozen base weights come from.
+        self.base_weights: dict | None = None
 
     def log_train(self, loss: torch.Tensor) -> None:
         """Log the training loss and learning rate to the bar and the loggers.
@@ -61,9 +63,19 @@ class TaskModule(pl.LightningModule):
         scores.reset()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the random generators (a resumed run draws the same numbers) and what the task knows of its data."""
+        """Keep the random generators (a resumed run draws the same numbers) and what the task knows of its data.
+
+        An adapter run (LoRA, IA3...) from a public checkpoint or another run leaves out its frozen base
+        weights and names where they come from instead (``base``), so its checkpoints stay small.
+        """
         checkpoint["rng_state"] = capture_rng_state()
         checkpoint["data_arguments"] = self.data_arguments
+        if self.base_weights:
+            checkpoint["base"] = self.base_weights
+            frozen = {p.data_ptr() for p in self.parameters() if not p.requires_grad}  # tied names included
+            for name, tensor in list(checkpoint["state_dict"].items()):
+                if tensor.data_ptr() in frozen:
+                    del checkpoint["state_dict"][name]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restore the random generators saved with the checkpoint."""

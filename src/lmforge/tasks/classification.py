@@ -84,7 +84,8 @@ class ClassificationTask(TaskModule):
         if hasattr(backbone, "pooler") and not self.use_pooler:
             backbone.pooler.requires_grad_(False)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(backbone.hidden_size, num_classes)
+        # A decoder's head has no bias, as in GPT-2's sequence classifier, so that the run exports to it.
+        self.head = nn.Linear(backbone.hidden_size, num_classes, bias=kind != "decoder")
         self.label_names = label_names
         metrics = MetricCollection(
             {

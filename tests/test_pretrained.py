@@ -1,0 +1,163 @@
+"""Hugging Face checkpoints in: random-initialised transformers models saved with save_pretrained load
+into the lmforge backbones (and heads) with the same logits on real sentences."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+from torch import nn
+
+from conftest import DATA_DIR, requires_data
+from lmforge.compose import build_backbone
+from lmforge.data.tokenizers import gpt2_tokenizer, wordpiece_tokenizer
+from lmforge.errors import LmforgeError
+from lmforge.models.pretrained import FAMILIES, import_state
+from lmforge.pretrained_weights import resolve_pretrained
+from lmforge.tasks.masked_lm import MaskedLMHead
+
+transformers = pytest.importorskip("transformers")
+pytestmark = requires_data
+
+
+def sst2_sentences(n: int = 12) -> list[str]:
+    """The first SST-2 validation sentences (real text for the parity checks)."""
+    with open(Path(DATA_DIR) / "glue/sst2/validation.tsv", encoding="utf-8") as f:
+        return [row["sentence"] for _, row in zip(range(n), csv.DictReader(f, delimiter="\t"))]
+
+
+def padded(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) ids (padding id 0) and their mask."""
+    rows = [e.ids for e in tokenizer.encode_batch(texts)]
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    return ids, mask
+
+
+def gpt2_files() -> str:
+    return str(Path(DATA_DIR) / "tokenizers/gpt2")
+
+
+def bert_vocab() -> str:
+    return str(Path(DATA_DIR) / "tokenizers/bert-base-uncased/vocab.txt")
+
+
+def saved(model, folder: Path) -> Path:
+    """``save_pretrained`` into ``folder`` (as a user's local checkpoint would be)."""
+    model.save_pretrained(folder)
+    return folder
+
+
+def lmforge_model(cfg_factory, model: str, folder: Path, head: type[nn.Module] | None = None) -> nn.Module:
+    """Build ``model=<model> model.pretrained=<folder>`` as a run would: a holder with the backbone (and head)."""
+    cfg = cfg_factory([f"model={model}", f"model.pretrained={folder}"])
+    weights = resolve_pretrained(cfg.model, cfg.paths.data_dir)
+    with open_dict(cfg):
+        cfg.model.update(weights.model_overrides())
+    holder = nn.Module()
+    holder.backbone = build_backbone(cfg.model, weights.config["vocab_size"]).eval()
+    if head is not None:
+        holder.head = head(holder.backbone.word_embeddings).eval()
+    message = weights.load_into(holder)
+    holder.message = message
+    return holder
+
+
+def test_gpt2_checkpoint_gives_hf_logits(cfg_factory, tmp_path):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    ours = lmforge_model(cfg_factory, "gpt2", saved(hf, tmp_path / "gpt2"))
+    assert "loaded 28 backbone and 0 head tensors; newly initialised: none; not used from the checkpoint: none" in (
+        ours.message
+    )
+    ids, mask = padded(gpt2_tokenizer(local_dir=gpt2_files()), sst2_sentences())
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).logits
+        got = ours.backbone(ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=0)
+
+
+def test_bert_masked_lm_checkpoint_gives_hf_hidden_states_and_logits(cfg_factory, tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=64,
+                                     intermediate_size=128, vocab_size=30522, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)  # fmt: skip
+    hf = transformers.BertForMaskedLM(config).eval()
+    ours = lmforge_model(cfg_factory, "bert-mini", saved(hf, tmp_path / "bert"), head=MaskedLMHead)
+    assert "loaded 37 backbone and 5 head tensors" in ours.message
+    assert "newly initialised: backbone.pooler (2)" in ours.message  # BertForMaskedLM has no pooler
+    ids, mask = padded(wordpiece_tokenizer(vocab_file=bert_vocab()), sst2_sentences())
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        hidden = ours.backbone(ids, mask)
+        logits = ours.head(hidden)
+    real = mask.bool()
+    torch.testing.assert_close(hidden[real], expected.hidden_states[-1][real], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits[real], expected.logits[real], atol=1e-4, rtol=0)
+
+
+def test_t5_checkpoint_gives_hf_logits(cfg_factory, tmp_path):
+    torch.manual_seed(0)
+    config = transformers.T5Config(num_layers=2, num_decoder_layers=2, num_heads=4, d_model=64, d_kv=16, d_ff=128,
+                                   vocab_size=50257, dropout_rate=0.0, feed_forward_proj="relu",
+                                   decoder_start_token_id=0)  # fmt: skip
+    hf = transformers.T5ForConditionalGeneration(config).eval()
+    ours = lmforge_model(cfg_factory, "t5-small", saved(hf, tmp_path / "t5"))
+    ids, mask = padded(gpt2_tokenizer(local_dir=gpt2_files()), sst2_sentences(6))
+    targets, _ = padded(gpt2_tokenizer(local_dir=gpt2_files()), sst2_sentences(12)[6:])
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=targets).logits
+        got = ours.backbone(ids, mask, targets)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_old_bert_names_and_unknown_heads_are_handled():
+    state = {"bert.embeddings.LayerNorm.gamma": torch.ones(2), "bert.embeddings.LayerNorm.beta": torch.zeros(2),
+             "cls.seq_relationship.weight": torch.ones(2, 2), "bert.embeddings.position_ids": torch.arange(2)}  # fmt: skip
+    renamed, unused = import_state(FAMILIES["bert"], state)
+    assert set(renamed) == {"backbone.embeddings.LayerNorm.weight", "backbone.embeddings.LayerNorm.bias"}
+    assert unused == ["cls.seq_relationship.weight"]
+
+
+def test_a_checkpoint_of_another_family_is_one_sentence(cfg_factory, tmp_path):
+    config = transformers.BertConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=16,
+                                     intermediate_size=32, vocab_size=100)  # fmt: skip
+    folder = saved(transformers.BertModel(config), tmp_path / "bert")
+    cfg = cfg_factory(["model=gpt2", f"model.pretrained={folder}"])
+    with pytest.raises(LmforgeError, match="holds a bert model, but model=gpt2 is a gpt2 backbone"):
+        resolve_pretrained(cfg.model, cfg.paths.data_dir)
+
+
+def test_unsupported_variants_and_missing_weights_are_one_sentence(cfg_factory, tmp_path):
+    config = transformers.T5Config(num_layers=1, d_model=16, d_kv=4, d_ff=32, num_heads=4, vocab_size=100,
+                                   feed_forward_proj="gated-gelu", tie_word_embeddings=False)  # fmt: skip
+    folder = saved(transformers.T5ForConditionalGeneration(config), tmp_path / "t5v11")
+    cfg = cfg_factory(["model=t5-small", f"model.pretrained={folder}"])
+    with pytest.raises(LmforgeError, match="feed_forward_proj='gated-gelu'; lmforge's T5 supports 'relu'"):
+        resolve_pretrained(cfg.model, cfg.paths.data_dir).model_overrides()
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(LmforgeError, match="has a config.json but no weights"):
+        resolve_pretrained(cfg.model, cfg.paths.data_dir)
+
+
+def test_auto_offline_trains_from_scratch_and_required_is_an_error(cfg_factory, caplog, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = cfg_factory(["model=gpt2"])
+    assert cfg.model.pretrained == "auto"
+    with caplog.at_level("INFO", logger="lmforge"):
+        assert resolve_pretrained(cfg.model, cfg.paths.data_dir) is None
+    assert "no pretrained weights" in caplog.text and "training from scratch" in caplog.text
+    cfg = cfg_factory(["model=gpt2", "model.pretrained=required"])
+    with pytest.raises(LmforgeError, match="model.pretrained=required, but gpt2 has no weights available"):
+        resolve_pretrained(cfg.model, cfg.paths.data_dir)
+    cfg = cfg_factory(["model=lstm", "+model.pretrained=auto"])
+    with pytest.raises(LmforgeError, match="model lstm has no public checkpoint format"):
+        resolve_pretrained(cfg.model, cfg.paths.data_dir)
