@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from conftest import SimulatedCrash, requires_data
 from lmforge.cli import CONF_DIR
 from lmforge.errors import LmforgeError
-from lmforge.finetune import IA3, AdaLoRA, Adapter, Freeze, LoRA
+from lmforge.finetune import IA3, AdaLoRA, Adapter, Freeze, LoRA, Prefix, Prompt
 from lmforge.models.bert import Bert
 from lmforge.models.gpt import GPT
 from lmforge.tasks.classification import ClassificationTask
@@ -160,10 +160,57 @@ def test_lora_run_generates_evaluates_and_exports_merged(cfg_factory, gpt2_folde
 
 @requires_data
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["freeze", "adalora", "ia3", "adapter"])
-def test_every_method_trains_a_classifier(cfg_factory, method):
-    record = run_training(cfg_factory(["model=bert-tiny", "task=sst2", f"finetune={method}", "logger=none",
-                                       "trainer.max_steps=2", "trainer.val_check_interval=2",
-                                       "trainer.limit_val_batches=2", "trainer.limit_test_batches=1"]))  # fmt: skip
+@pytest.mark.parametrize("method", ["freeze", "adalora", "ia3", "adapter", "prefix", "prompt"])
+def test_every_method_runs_from_its_config(cfg_factory, method):
+    record = run_training(cfg_factory(["model=bert-tiny", "task=mlm", "task/source=tinyshakespeare",
+                                       f"finetune={method}", "logger=none", "debug=fast"]))  # fmt: skip
     assert 0 < record["trainable_parameters"] < record["parameters"]
     assert record["metrics"]["val/loss"] == record["metrics"]["val/loss"]  # a number, not NaN
+
+
+def tiny_backbones():
+    """A GPT, a BERT and a T5, small and in eval mode, with the targets of their model configs."""
+    from lmforge.models.t5 import T5
+
+    torch.manual_seed(0)
+    bert = Bert(vocab_size=40, n_layer=2, n_head=2, hidden_size=16, intermediate_size=32, n_positions=16)
+    t5 = T5(vocab_size=40, n_layer=2, n_head=2, d_model=16, d_kv=8, d_ff=32, dropout=0.0)
+    return [(tiny_gpt(), "gpt2"), (bert.eval(), "bert-mini"), (t5.eval(), "t5-tiny")]
+
+
+def outputs(backbone, ids, mask):
+    if backbone.kind == "seq2seq":
+        return backbone(ids, mask, ids[:, :5])
+    return backbone.hidden_states(ids, mask)
+
+
+@pytest.mark.parametrize("method", [Prefix(length=3), Prompt(length=4)], ids=["prefix", "prompt"])
+def test_prefix_and_prompt_train_alone_keep_shapes_and_respect_padding(method):
+    ids = torch.randint(1, 40, (2, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    for backbone, model in tiny_backbones():
+        before = outputs(backbone, ids, mask)
+        method.apply(backbone, targets(model), model)
+        names = trainable(backbone)
+        assert names and all(("prefix." in n) or n.startswith("prompt.") for n in names), (model, names)
+        after = outputs(backbone, ids, mask)
+        assert after.shape == before.shape and not torch.allclose(after, before), model
+        # The padded row gives what the same sentence alone gives.
+        alone = outputs(backbone, ids[1:, :5], mask[1:, :5])
+        if backbone.kind == "seq2seq":
+            torch.testing.assert_close(after[1:], alone, atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(after[1:, :5], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", [Prefix(length=3), Prompt(length=4)], ids=["prefix", "prompt"])
+def test_cached_generation_with_prefix_or_prompt_equals_recomputing(method):
+    from lmforge.generation import generate
+
+    for backbone, model in tiny_backbones()[::2]:  # the GPT and the T5
+        method.apply(backbone, targets(model), model)
+        ids = torch.randint(1, 40, (2, 6), generator=torch.Generator().manual_seed(3))
+        cached = generate(backbone, ids, 8, temperature=0.0, use_cache=True, decoder_start_token_id=0)
+        recomputed = generate(backbone, ids, 8, temperature=0.0, use_cache=False, decoder_start_token_id=0)
+        assert torch.equal(cached, recomputed), model

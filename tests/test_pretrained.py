@@ -161,3 +161,14 @@ def test_auto_offline_trains_from_scratch_and_required_is_an_error(cfg_factory, 
     cfg = cfg_factory(["model=lstm", "+model.pretrained=auto"])
     with pytest.raises(LmforgeError, match="model lstm has no public checkpoint format"):
         resolve_pretrained(cfg.model, cfg.paths.data_dir)
+
+
+def test_gpt2_tokenizer_gives_transformers_ids_on_sst2_validation():
+    files = Path(gpt2_files())
+    theirs = transformers.GPT2TokenizerFast(str(files / "vocab.json"), str(files / "merges.txt"))
+    ours = gpt2_tokenizer(local_dir=gpt2_files())
+    assert len(theirs) == ours.get_vocab_size() == 50257
+    sentences = sst2_sentences(872)
+    assert len(sentences) == 872
+    for sentence in sentences:
+        assert ours.encode(sentence).ids == theirs(sentence)["input_ids"], sentence

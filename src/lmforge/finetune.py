@@ -3,7 +3,9 @@
 ``full`` trains everything; ``freeze`` fixes the embeddings, the first k blocks or the whole
 backbone; ``lora``, ``adalora`` and ``ia3`` add ``peft``'s adapters to the modules the model
 config's ``targets`` name (the base weights freeze); ``adapter`` adds bottleneck adapters after
-the attention and feed-forward outputs. The task's head always trains. A method acts on the
+the attention and feed-forward outputs; ``prefix`` and ``prompt`` (written here: ``peft``'s
+versions need a ``transformers`` model) learn keys and values before each attention layer's, or
+input vectors before the tokens. The task's head always trains. A method acts on the
 backbone in place, after its starting weights are loaded.
 """
 
@@ -193,6 +195,8 @@ class AdaLoRA(LoRA):
         interval: int = 10,
     ):
         super().__init__(init_r, alpha, dropout, modules)
+        if total_steps <= 0:
+            raise LmforgeError("finetune=adalora schedules its rank budget over trainer.max_steps; set it (> 0).")
         self.target_r, self.total_steps, self.interval = target_r, total_steps, interval
         self.tinit, self.tfinal = int(warmup_fraction * total_steps), int(final_fraction * total_steps)
         self.tuner = None
@@ -224,7 +228,7 @@ class AdaLoRA(LoRA):
                 if method.tuner is not None and any(
                     p.grad is not None for n, p in pl_module.named_parameters() if "lora_" in n
                 ):
-                    method.tuner.update_and_allocate(trainer.global_step)
+                    method.tuner.update_and_allocate(trainer.global_step - 1)  # the step just taken, from 0
 
         return [ReallocateRanks()]
 
@@ -276,6 +280,62 @@ class Adapter(FinetuneMethod):
         for name, module in chosen:
             parent, _, child = name.rpartition(".")
             setattr(backbone.get_submodule(parent) if parent else backbone, child, BottleneckAdapter(module, self.size))
+
+
+class Prefix(FinetuneMethod):
+    """Prefix tuning: learned keys and values before every self-attention layer's own; the backbone freezes.
+
+    Args:
+        length: prefix positions per layer.
+        modules: target groups of the model config (``self_attention``).
+    """
+
+    name = "prefix"
+    adds_weights = True
+    mergeable = False
+
+    def __init__(self, length: int = 16, modules: Iterable[str] = ("self_attention",)):
+        self.length, self.modules = length, list(modules)
+
+    def apply(self, backbone: nn.Module, targets: dict[str, str] | None, model: str) -> None:
+        """Freeze the backbone and give each target attention layer a :class:`~lmforge.models.layers.KVPrefix`."""
+        from lmforge.models.layers import KVPrefix
+
+        pattern = _pattern(targets, self.modules, model)
+        chosen = [m for n, m in backbone.named_modules() if re.fullmatch(pattern, n) and hasattr(m, "prefix")]
+        if not chosen:
+            raise LmforgeError(f"model.targets of {model} match no attention layer that takes a prefix: {pattern}.")
+        backbone.requires_grad_(False)
+        for module in chosen:
+            module.prefix = KVPrefix(module.n_head, module.head_dim, self.length)
+
+
+class Prompt(FinetuneMethod):
+    """Prompt tuning: learned input vectors before the tokens (the encoder's, for encoder-decoders).
+
+    They start as the embeddings of random vocabulary tokens; the backbone freezes.
+
+    Args:
+        length: number of prompt vectors.
+    """
+
+    name = "prompt"
+    adds_weights = True
+    mergeable = False
+
+    def __init__(self, length: int = 20):
+        self.length = length
+
+    def apply(self, backbone: nn.Module, targets: dict[str, str] | None, model: str) -> None:
+        """Freeze the backbone and give it a :class:`~lmforge.models.layers.SoftPrompt`."""
+        from lmforge.models.layers import SoftPrompt
+
+        if not hasattr(backbone, "prompt"):
+            raise LmforgeError(f"finetune=prompt needs a Transformer backbone (GPT, BERT, T5); {model} has no prompt.")
+        embedding = next(m for m in backbone.modules() if isinstance(m, nn.Embedding))  # the token embeddings
+        rows = torch.randint(embedding.num_embeddings, (self.length,))
+        backbone.requires_grad_(False)
+        backbone.prompt = SoftPrompt(embedding.weight.detach()[rows])
 
 
 def describe_trainable(task: nn.Module) -> str:

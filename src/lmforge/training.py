@@ -207,6 +207,10 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         "metrics": metrics,
         "wall_time_s": round(wall, 2),
         "peak_memory_mb": tracking.peak_memory_mb(),
+        # Mean time of a training step (forward, backward, optimizer) in this process, validation excluded.
+        "step_ms": round(1000 * run.throughput.train_seconds / trainer.global_step, 2)
+        if run.throughput and trainer.global_step
+        else None,
         "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
         "startup_s": round(run.throughput.startup_seconds, 2)
         if run.throughput and run.throughput.startup_seconds

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.models.layers import init_normal
+from lmforge.models.layers import KVPrefix, SoftPrompt, init_normal
 
 
 class BertEmbeddings(nn.Module):
@@ -41,10 +41,12 @@ class BertSelfAttention(nn.Module):
     def __init__(self, hidden_size: int, n_head: int, dropout: float):
         super().__init__()
         self.n_head = n_head
+        self.head_dim = hidden_size // n_head
         self.query = nn.Linear(hidden_size, hidden_size)
         self.key = nn.Linear(hidden_size, hidden_size)
         self.value = nn.Linear(hidden_size, hidden_size)
         self.dropout = dropout
+        self.prefix: KVPrefix | None = None  # set by finetune=prefix
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """(B, T, C) -> (B, T, C); ``mask`` is (B, 1, 1, T) bool, True where attention is allowed."""
@@ -54,6 +56,8 @@ class BertSelfAttention(nn.Module):
             lin(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
             for lin in (self.query, self.key, self.value)
         )
+        if self.prefix is not None:
+            k, v, mask = self.prefix.extend(k, v, mask, True)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return y.transpose(1, 2).reshape(B, T, C)
 
@@ -172,6 +176,7 @@ class Bert(nn.Module):
         self.encoder = BertEncoder(n_layer, hidden_size, n_head, intermediate_size, dropout)
         self.pooler = BertPooler(hidden_size)
         self.apply(init_normal)
+        self.prompt: SoftPrompt | None = None  # set by finetune=prompt
 
     @property
     def word_embeddings(self) -> nn.Embedding:
@@ -193,7 +198,17 @@ class Bert(nn.Module):
         Returns:
             (B, T, hidden_size) hidden states.
         """
+        x = self.embeddings(input_ids, token_type_ids)
+        if self.prompt is not None:  # a soft prompt after [CLS], which the pooler reads
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            prompted, attention_mask = self.prompt.prepend(x[:, 1:], attention_mask[:, 1:])
+            x = torch.cat([x[:, :1], prompted], dim=1)
+            attention_mask = torch.cat([attention_mask.new_ones(len(x), 1), attention_mask], dim=1)
         mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None  # (B, 1, 1, T)
-        return self.encoder(self.embeddings(input_ids, token_type_ids), mask)
+        x = self.encoder(x, mask)
+        if self.prompt is not None:
+            x = torch.cat([x[:, :1], x[:, 1 + self.prompt.length :]], dim=1)
+        return x
 
     forward = hidden_states

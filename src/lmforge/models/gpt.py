@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from lmforge.models.layers import KVCache, PreNormBlock, init_normal
+from lmforge.models.layers import KVCache, PreNormBlock, SoftPrompt, init_normal
 
 
 class GPT(nn.Module):
@@ -56,6 +56,7 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.prompt: SoftPrompt | None = None  # set by finetune=prompt
         self.apply(init_normal)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) at init.
         for name, param in self.named_parameters():
@@ -94,9 +95,19 @@ class GPT(nn.Module):
         else:
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))
+        # A soft prompt goes before the first tokens (then it lives in the cache), without a position.
+        prompted = self.prompt is not None and (cache is None or cache.layers[0].length == 0)
+        if self.prompt is not None:
+            if prompted:
+                x, _ = self.prompt.prepend(x, None)
+                if cache is not None:
+                    cache.offset = self.prompt.length
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask.new_ones(len(x), self.prompt.length), attention_mask], 1)
         for i, block in enumerate(self.transformer.h):
             x = block(x, attention_mask, cache.layers[i] if cache is not None else None)
-        return self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x)
+        return x[:, self.prompt.length :] if prompted else x
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None

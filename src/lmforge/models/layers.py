@@ -19,6 +19,63 @@ def init_normal(module: nn.Module, std: float = 0.02) -> None:
         nn.init.zeros_(module.bias)
 
 
+class KVPrefix(nn.Module):
+    """Learned keys and values placed before a self-attention layer's own (prefix tuning, Li & Liang 2021).
+
+    Every query may attend to them; the layer's outputs keep the input's length and positions.
+
+    Args:
+        n_head: heads of the attention layer.
+        head_dim: width per head.
+        length: number of prefix positions.
+    """
+
+    def __init__(self, n_head: int, head_dim: int, length: int):
+        super().__init__()
+        self.keys = nn.Parameter(torch.randn(n_head, length, head_dim) * 0.02)
+        self.values = nn.Parameter(torch.randn(n_head, length, head_dim) * 0.02)
+
+    def extend(
+        self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, attend: bool | float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Prepend the prefix to (B, heads, S, head_dim) keys and values, and to a mask over the keys (last dim).
+
+        ``attend`` is the mask value that lets a query see a key (1 or True for key masks, 0.0 for additive biases).
+        """
+        B = k.shape[0]
+        k = torch.cat([self.keys.expand(B, -1, -1, -1).to(k.dtype), k], dim=2)
+        v = torch.cat([self.values.expand(B, -1, -1, -1).to(v.dtype), v], dim=2)
+        if mask is not None:
+            pad = torch.full((*mask.shape[:-1], self.keys.shape[1]), attend, dtype=mask.dtype, device=mask.device)
+            mask = torch.cat([pad, mask], dim=-1)
+        return k, v, mask
+
+
+class SoftPrompt(nn.Module):
+    """Learned vectors placed before a sequence's token embeddings (prompt tuning, Lester et al. 2021).
+
+    Args:
+        vectors: (length, width) starting values (prompt tuning starts from embeddings of real tokens).
+    """
+
+    def __init__(self, vectors: torch.Tensor):
+        super().__init__()
+        self.vectors = nn.Parameter(vectors.clone())
+
+    @property
+    def length(self) -> int:
+        """Number of prompt positions."""
+        return self.vectors.shape[0]
+
+    def prepend(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, C) embeddings and an optional (B, T) key mask -> (B, P + T, C) and (B, P + T)."""
+        B = x.shape[0]
+        x = torch.cat([self.vectors.expand(B, -1, -1).to(x.dtype), x], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask.new_ones(B, self.length), mask], dim=1)
+        return x, mask
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention with a causal mask and one fused q/k/v projection.
 
@@ -39,6 +96,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
+        self.prefix: KVPrefix | None = None  # set by finetune=prefix
 
     def forward(
         self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: LayerCache | None = None
@@ -59,6 +117,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.append(k, v)  # (B, heads, past + T, head_dim)
+        if self.prefix is not None:  # after the cache, which holds the tokens' own keys only
+            k, v, attention_mask = self.prefix.extend(k, v, attention_mask, 1)
         dropout = self.dropout if self.training else 0.0
         if attention_mask is None and k.shape[2] == T:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
@@ -106,11 +166,13 @@ class KVCache:
     def __init__(self, n_layers: int) -> None:
         self.layers = [LayerCache() for _ in range(n_layers)]
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+        # Cached positions that are not tokens (a soft prompt's), left out of ``length``.
+        self.offset = 0
 
     @property
     def length(self) -> int:
-        """Number of cached positions."""
-        return self.layers[0].length
+        """Number of cached token positions."""
+        return self.layers[0].length - self.offset
 
     def reorder(self, index: torch.Tensor, same_source: bool = False) -> None:
         """Keep (and repeat) the batch rows in ``index`` in every layer.
@@ -200,6 +262,7 @@ class Attention(nn.Module):
         self.k = nn.Linear(d_model, inner, bias=bias)
         self.v = nn.Linear(d_model, inner, bias=bias)
         self.o = nn.Linear(inner, d_model, bias=bias)
+        self.prefix: KVPrefix | None = None  # set by finetune=prefix (self-attention only)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -230,6 +293,9 @@ class Attention(nn.Module):
             k, v = self.keys_values(x)
             if cache is not None:
                 k, v = cache.append(k, v)
+            if self.prefix is not None:
+                attend = True if mask is None or mask.dtype == torch.bool else 0.0
+                k, v, mask = self.prefix.extend(k, v, mask, attend)
         else:
             k, v = kv
         dropout = self.dropout if self.training else 0.0

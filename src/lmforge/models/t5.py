@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from lmforge.models.layers import Attention, KVCache, LayerCache, attention_mask_for
+from lmforge.models.layers import Attention, KVCache, LayerCache, SoftPrompt, attention_mask_for
 
 # Keys of a Hugging Face T5 state dict that are other names for ``shared.weight``.
 HF_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
@@ -310,6 +310,7 @@ class T5(nn.Module):
         self.decoder = T5Stack(n_decoder_layer or n_layer, is_decoder=True, **stack_args)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         self.lm_head.weight = self.shared.weight  # tied, as in T5 v1
+        self.prompt: SoftPrompt | None = None  # set by finetune=prompt: read by the encoder
         self._init_weights(d_model, n_head, d_kv, d_ff)
 
     def _init_weights(self, d_model: int, n_head: int, d_kv: int, d_ff: int) -> None:
@@ -331,8 +332,14 @@ class T5(nn.Module):
                     nn.init.normal_(module.relative_attention_bias.weight, std=d_model**-0.5)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, S) source ids and mask -> (B, S, d_model) encoder output."""
-        return self.encoder(self.shared(input_ids), attention_mask)
+        """(B, S) source ids and mask -> (B, S, d_model) encoder output.
+
+        A soft prompt is encoded with the source; the decoder sees the source positions only.
+        """
+        if self.prompt is None:
+            return self.encoder(self.shared(input_ids), attention_mask)
+        x, mask = self.prompt.prepend(self.shared(input_ids), attention_mask)
+        return self.encoder(x, mask)[:, self.prompt.length :]
 
     def new_cache(self) -> KVCache:
         """An empty cache for :meth:`decode`: decoder self-attention keys/values plus the encoder's, computed once."""
