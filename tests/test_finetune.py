@@ -214,3 +214,19 @@ def test_cached_generation_with_prefix_or_prompt_equals_recomputing(method):
         cached = generate(backbone, ids, 8, temperature=0.0, use_cache=True, decoder_start_token_id=0)
         recomputed = generate(backbone, ids, 8, temperature=0.0, use_cache=False, decoder_start_token_id=0)
         assert torch.equal(cached, recomputed), model
+
+
+@requires_data
+@pytest.mark.slow
+def test_init_from_a_lora_run_starts_from_its_merged_weights(cfg_factory, gpt2_folder):
+    from lmforge.runs import load_run
+
+    lora = run_training(cfg_factory(lora_run(gpt2_folder, "optimizer.lr=1e-2")))
+    shape = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.n_positions=64"]
+    plain = run_training(cfg_factory(["model=gpt2", *shape, "task=tinyshakespeare", f"init_from={lora['run_dir']}",
+                                      "task.data.block_size=32", "optimizer.lr=0", "logger=none", "debug=fast"]))  # fmt: skip
+    assert "loaded 29 of 29 backbone tensors" in Path(plain["run_dir"], "train.log").read_text()
+    ids = torch.tensor([[464, 3290, 318, 257, 1332]])
+    with torch.no_grad():
+        torch.testing.assert_close(load_run(plain["run_dir"]).backbone(ids), load_run(lora["run_dir"]).backbone(ids),
+                                   atol=1e-5, rtol=0)  # fmt: skip

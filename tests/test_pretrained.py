@@ -172,3 +172,32 @@ def test_gpt2_tokenizer_gives_transformers_ids_on_sst2_validation():
     assert len(sentences) == 872
     for sentence in sentences:
         assert ours.encode(sentence).ids == theirs(sentence)["input_ids"], sentence
+
+
+def test_a_hub_id_fetches_config_one_weights_format_and_tokenizer(cfg_factory, tmp_path, monkeypatch):
+    """Online, model.pretrained=<hub id> asks the hub for config, safetensors (not also .bin) and tokenizer files."""
+    import huggingface_hub
+
+    import lmforge.pretrained_weights as pw
+
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=50257)
+    folder = saved(transformers.GPT2LMHeadModel(config), tmp_path / "snapshot")
+    files = ["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5", "vocab.json", "merges.txt"]
+    asked = {}
+
+    class FakeApi:
+        def list_repo_files(self, repo_id):
+            return files
+
+    def fake_snapshot(repo_id, allow_patterns):
+        asked.update(repo=repo_id, patterns=allow_patterns)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr(pw, "hub_reachable", lambda: True)
+    cfg = cfg_factory(["model=gpt2", "model.pretrained=some-user/tiny-gpt2"])
+    weights = resolve_pretrained(cfg.model, cfg.paths.data_dir)
+    assert asked == {"repo": "some-user/tiny-gpt2",
+                     "patterns": ["config.json", "model.safetensors", "vocab.json", "merges.txt"]}  # fmt: skip
+    assert weights.model_overrides()["n_layer"] == 1 and weights.source == str(folder)

@@ -94,6 +94,19 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> SavedRun:
     return SavedRun(run_dir, cfg, tokenizer, backbone, path)
 
 
+def _merged_adapter_backbone(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The plain backbone weights of an adapter run's checkpoint: its base with LoRA/IA3 folded in."""
+    run = load_run(checkpoint.parent.parent, str(checkpoint))
+    method = build_finetune(run.cfg)
+    if not method.mergeable:
+        raise LmforgeError(
+            f"init_from: {checkpoint} is a finetune={method.name} run, whose added weights do not fold into the "
+            f"backbone; start from the run it was trained on instead."
+        )
+    method.merge(run.backbone)
+    return run.backbone.state_dict()
+
+
 def load_base_weights(backbone: nn.Module, base: dict[str, str]) -> None:
     """Load the frozen base an adapter run started from: ``{"pretrained": folder}`` or ``{"init_from": ckpt}``."""
     if "pretrained" in base:
@@ -152,6 +165,8 @@ def init_backbone(backbone: nn.Module, checkpoint: Path) -> str:
     """
     saved = load_checkpoint(checkpoint)
     state = backbone_state_dict(saved)
+    if saved.get("base"):  # an adapter run: its base plus its adapters, merged, start this one
+        state = _merged_adapter_backbone(checkpoint)
     own = backbone.state_dict()
     for name, tensor in state.items():
         if name in own and own[name].shape != tensor.shape:
