@@ -114,10 +114,12 @@ def load_base_weights(backbone: nn.Module, base: dict[str, str]) -> None:
 
         folder = Path(base["pretrained"])
         family = family_of_backbone(f"{type(backbone).__module__}.{type(backbone).__name__}")
-        config, hf_state = read_hf_folder(folder)
+        _, hf_state = read_hf_folder(folder)
         state = {n.removeprefix("backbone."): t for n, t in import_state(family, hf_state)[0].items()}
     else:
-        state = backbone_state_dict(load_checkpoint(Path(base["init_from"])))
+        path = Path(base["init_from"])
+        saved = load_checkpoint(path)
+        state = _merged_adapter_backbone(path) if saved.get("base") else backbone_state_dict(saved)
     backbone.load_state_dict(state, strict=False)
 
 
