@@ -19,13 +19,15 @@ from pathlib import Path
 
 from recipe_runs import logged, run_recipe
 
-# The schedule of experiment=multi30k-transformer, for the other backbones.
-MULTI30K = ["task=multi30k", "optimizer.betas=[0.9,0.98]", "optimizer.weight_decay=0.01", "scheduler.warmup_steps=400",
-            "scheduler.min_lr_ratio=0.02", "trainer.val_check_interval=400", "trainer.limit_val_batches=1.0"]  # fmt: skip
+# The vocabulary and schedule of experiment=multi30k-transformer, for the other backbones.
+MULTI30K = ["task=multi30k", "tokenizer.vocab_size=5000", "optimizer.betas=[0.9,0.98]", "optimizer.weight_decay=0.01",
+            "scheduler.warmup_steps=400", "scheduler.min_lr_ratio=0.02", "trainer.val_check_interval=400",
+            "trainer.limit_val_batches=1.0"]  # fmt: skip
 RECIPES = {
     "transformer": ["experiment=multi30k-transformer"],
-    "t5-tiny": [*MULTI30K, "model=t5-tiny", "optimizer.lr=1e-3", "trainer.max_steps=3000"],
-    "lstm-attention": [*MULTI30K, "model=lstm-attention", "optimizer.lr=2e-3", "trainer.max_steps=1000"],
+    "t5-tiny": [*MULTI30K, "model=t5-tiny", "optimizer.lr=1e-3", "trainer.max_steps=2400"],
+    "lstm-attention": [*MULTI30K, "model=lstm-attention", "optimizer.lr=2e-3", "trainer.max_steps=600",
+                       "trainer.val_check_interval=300"],
     "gpt2-tiny-prefix-lm": [*MULTI30K, "model=gpt2-tiny", "tokenizer=bpe", "model.dropout=0.1", "optimizer.lr=1e-3",
                             "trainer.max_steps=2000"],
     "samsum-transformer": ["model=transformer", "model.norm_first=true", "task=samsum", "optimizer.lr=7e-4",

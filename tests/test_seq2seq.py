@@ -274,3 +274,20 @@ def test_ddp_scores_every_validation_pair_once(tmp_path):
     assert alone["metrics"]["val/loss"] == pytest.approx(record["metrics"]["val/loss"], abs=1e-4)
     assert alone["metrics"]["val/bleu"] == pytest.approx(record["metrics"]["val/bleu"], abs=0.5)
     assert 1 < record["metrics"]["val/bleu"] < 95  # learning, not learnt: half the pairs would score differently
+
+
+def test_transformer_dropout_on_attention_and_activations_follows_dropout_unless_set():
+    from lmforge.models.transformer import Transformer
+
+    default = Transformer(50, n_layer=1, n_head=2, d_model=16, d_ff=32, dropout=0.2)
+    layer = default.decoder[0]
+    assert layer.self_attn.dropout == layer.cross_attn.dropout == 0.2 and layer.ff.dropout.p == 0.2
+    lean = Transformer(50, n_layer=1, n_head=2, d_model=16, d_ff=32, dropout=0.2, attention_dropout=0.0,
+                       activation_dropout=0.0)  # fmt: skip
+    for layer in (*lean.encoder, *lean.decoder):
+        assert isinstance(layer.ff.dropout, torch.nn.Identity) and layer.self_attn.dropout == 0.0
+    assert lean.decoder[0].cross_attn.dropout == 0.0 and lean.decoder[0].sublayers[0].dropout.p == 0.2
+    # Only dropout differs: in eval mode both compute the same function of the same weights.
+    lean.load_state_dict(default.state_dict())
+    ids, mask = torch.randint(0, 50, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    torch.testing.assert_close(lean.eval()(ids, mask, ids[:, :4]), default.eval()(ids, mask, ids[:, :4]))
