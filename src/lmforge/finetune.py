@@ -36,6 +36,12 @@ def _pattern(targets: dict[str, str] | None, groups: Iterable[str], model: str) 
     return "|".join(f"(?:{targets[g]})" for g in groups)
 
 
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` (dotted) of ``root`` is."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
 class FinetuneMethod:
     """Base class: a method freezes or wraps parts of a backbone; ``full`` leaves it as it is.
 
@@ -120,8 +126,7 @@ class _PeftMethod(FinetuneMethod):
         for name, module in list(backbone.named_modules()):
             if isinstance(module, BaseTunerLayer):
                 module.merge()
-                parent, _, child = name.rpartition(".")
-                setattr(backbone.get_submodule(parent) if parent else backbone, child, module.get_base_layer())
+                _replace_module(backbone, name, module.get_base_layer())
 
 
 class LoRA(_PeftMethod):
@@ -278,8 +283,7 @@ class Adapter(FinetuneMethod):
             raise LmforgeError(f"model.targets of {model} match no linear layer of the backbone: {pattern}.")
         backbone.requires_grad_(False)
         for name, module in chosen:
-            parent, _, child = name.rpartition(".")
-            setattr(backbone.get_submodule(parent) if parent else backbone, child, BottleneckAdapter(module, self.size))
+            _replace_module(backbone, name, BottleneckAdapter(module, self.size))
 
 
 class Prefix(FinetuneMethod):
