@@ -15,8 +15,7 @@ from conftest import TINY, requires_data
 from lmforge.compose import make_task
 from lmforge.errors import LmforgeError
 from lmforge.export import export_run
-from lmforge.inference import load_run
-from lmforge.runs import load_checkpoint, load_task_state
+from lmforge.runs import load_run, load_task_state
 from lmforge.training import run_training
 
 transformers = pytest.importorskip("transformers")
@@ -28,7 +27,7 @@ FAST = ["logger=none", "debug=fast"]
 def task_of(run_dir: str):
     """The run's task with its best checkpoint's weights, in eval mode."""
     run = load_run(run_dir)
-    checkpoint = load_checkpoint(run.checkpoint)
+    checkpoint = run.saved
     task = make_task(run.cfg, run.backbone, run.tokenizer, checkpoint.get("data_arguments") or {})
     load_task_state(task, checkpoint)
     return task.eval(), run.tokenizer

@@ -32,7 +32,7 @@ from lmforge.models.pretrained import (
     export_state,
     family_of_backbone,
 )
-from lmforge.runs import load_checkpoint, load_run, load_task_state
+from lmforge.runs import load_run, load_task_state
 
 log = logging.getLogger("lmforge")
 
@@ -187,7 +187,7 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best") -
             f"Model {run.cfg.model.name} has no Hugging Face equivalent; runs of the GPT-2, BERT and T5 "
             f"families export (model=gpt2*, bert-*, t5-*)."
         )
-    saved = load_checkpoint(run.checkpoint)
+    saved = run.saved
     task = make_task(run.cfg, run.backbone, run.tokenizer, saved.get("data_arguments") or {})
     load_task_state(task, saved)
     kind = head_kind(task)

@@ -17,7 +17,7 @@ from lmforge.console import setup_console
 from lmforge.data.tokenizers import EOS
 from lmforge.errors import LmforgeError
 from lmforge.generation import generate
-from lmforge.runs import load_checkpoint, load_run, load_task_state
+from lmforge.runs import load_run, load_task_state
 
 log = logging.getLogger("lmforge")
 
@@ -118,7 +118,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
         raise LmforgeError(f"split={split} is not one lmforge-evaluate scores; use split=test or split=validation.")
     no_samples = {"num_samples": 0} if "num_samples" in saved.task.module else {}
     task = build_task(saved, run.backbone, run.tokenizer, datamodule, **no_samples)
-    load_task_state(task, load_checkpoint(run.checkpoint))  # the head too, not only the backbone
+    load_task_state(task, run.saved)  # the head too, not only the backbone
     limit = cfg.limit_batches if cfg.limit_batches is not None else 1.0
     trainer = pl.Trainer(
         default_root_dir=run.run_dir,  # where the task writes its reports (the confusion matrix)
@@ -176,7 +176,7 @@ def predict_from_run(cfg: DictConfig) -> list[dict[str, Any]]:
     if OmegaConf.is_missing(cfg, "run") or (cfg.get("text") is None and not cfg.get("file")):
         raise LmforgeError('Say which run and what to label: lmforge-predict run=<run dir> text="a gorgeous film"')
     run = load_run(cfg.run, cfg.checkpoint)
-    checkpoint = load_checkpoint(run.checkpoint)
+    checkpoint = run.saved
     task = make_task(run.cfg, run.backbone, run.tokenizer, checkpoint.get("data_arguments") or {})
     if not hasattr(task, "predict_texts"):
         raise LmforgeError(

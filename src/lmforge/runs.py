@@ -29,6 +29,7 @@ class SavedRun:
     tokenizer: Tokenizer
     backbone: nn.Module
     checkpoint: Path
+    saved: dict[str, Any]  # the checkpoint as read (task weights, data facts, base), so it is read once
 
 
 def find_checkpoint(run_dir: Path, which: str = "best") -> Path:
@@ -91,7 +92,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> SavedRun:
             f"Checkpoint {path} does not fit the run's model {cfg.model.name} (missing {len(missing)}, unexpected {len(unexpected)} tensors)."
         )
     backbone.eval()
-    return SavedRun(run_dir, cfg, tokenizer, backbone, path)
+    return SavedRun(run_dir, cfg, tokenizer, backbone, path, saved)
 
 
 def _merged_adapter_backbone(checkpoint: Path) -> dict[str, torch.Tensor]:
