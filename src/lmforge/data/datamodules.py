@@ -255,6 +255,10 @@ class ExampleDataModule(pl.LightningDataModule):
         """Pad a list of examples into a batch of tensors."""
         raise NotImplementedError
 
+    def collate_for(self, split: str):
+        """The collate function of one split's loader (the same for every split unless a subclass says otherwise)."""
+        return self.collate
+
     def training_lengths(self) -> list[int] | None:
         """Length of each training example when batches should group similar lengths; None shuffles freely."""
         return None
@@ -264,7 +268,7 @@ class ExampleDataModule(pl.LightningDataModule):
             self.examples[split],
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=self.collate,
+            collate_fn=self.collate_for(split),
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed),
         )

@@ -1,0 +1,409 @@
+"""Extractive question answering data (SQuAD): questions on paragraphs, answers as character spans.
+
+A question and its context are encoded as one pair; a context too long for ``max_length`` is cut
+into overlapping windows (``stride`` tokens shared between neighbours). The fast tokenizer's
+offsets turn the answer's characters into the positions of its first and last token; a window
+that does not hold the whole answer points at position 0 ([CLS]).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Encoding, Tokenizer
+
+from lmforge.data.datamodules import ExampleDataModule
+from lmforge.data.sources import SPLITS, TextCorpus, _read_text, require_columns
+from lmforge.data.tokenizers import pad_token_id, tokenizer_fingerprint
+from lmforge.errors import LmforgeError
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("id", "title", "context", "question", "answers")
+
+
+def read_squad_file(path: Path) -> dict[str, list]:
+    """Read an official SQuAD JSON file (``{"data": [{"title", "paragraphs": [...]}]}``) into columns.
+
+    Returns:
+        {"id", "title", "context", "question": [str], "answers": [{"text": [str], "answer_start": [int]}]},
+        one entry per question, in file order.
+    """
+    try:
+        articles = json.loads(path.read_text(encoding="utf-8"))["data"]
+        out: dict[str, list] = {column: [] for column in COLUMNS}
+        for article in articles:
+            for paragraph in article["paragraphs"]:
+                for qa in paragraph["qas"]:
+                    out["id"].append(qa["id"])
+                    out["title"].append(article["title"])
+                    out["context"].append(paragraph["context"])
+                    out["question"].append(qa["question"])
+                    out["answers"].append(
+                        {
+                            "text": [a["text"] for a in qa["answers"]],
+                            "answer_start": [a["answer_start"] for a in qa["answers"]],
+                        }
+                    )
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise LmforgeError(f"{path} is not a SQuAD-format JSON file (data / paragraphs / qas): {err!r}.") from err
+    return out
+
+
+def _rows(columns: dict[str, list], keep: list[int]) -> dict[str, list]:
+    return {name: [values[i] for i in keep] for name, values in columns.items()}
+
+
+@dataclass
+class SquadQuestions(TextCorpus):
+    """A SQuAD-format question answering dataset: per split, the columns of :func:`read_squad_file`.
+
+    Locally a file named ``unsplit`` in ``local_files`` is divided by article: the articles of
+    ``validation_articles`` and ``test_articles`` are those splits, every other article is training
+    data (the mirror holds only SQuAD's dev file, so scores on such a split are not SQuAD dev scores).
+    Files named ``train``/``validation`` are read as they are.
+
+    Args (beyond :class:`TextCorpus`):
+        validation_articles: titles of the articles that form the local validation split.
+        test_articles: titles of the articles that form the local (held-out) test split.
+        text_only: give each split as one text (its distinct contexts, a line each) instead of
+            questions, so that ``task=mlm task/source=squad`` pretrains on the training articles.
+        extra_files: with ``text_only``, more text files (relative to the data mirror) added to the
+            training text, e.g. WikiText-2 (the same kind of Wikipedia prose).
+    """
+
+    validation_articles: list[str] = field(default_factory=list)
+    test_articles: list[str] = field(default_factory=list)
+    text_only: bool = False
+    extra_files: list[str] = field(default_factory=list)
+
+    def load(self, data_dir: str | None, required: tuple[str, ...] = ("train", "validation")) -> dict:
+        """Read the splits (see :meth:`TextCorpus.load`); as texts when ``text_only``."""
+        splits = super().load(data_dir, required)
+        if not self.text_only:
+            return splits
+        # The held-out test articles stay unread: pretraining text is training and validation text only.
+        texts = {
+            split: "\n".join(dict.fromkeys(columns["context"])) for split, columns in splits.items() if split != "test"
+        }
+        root = Path(data_dir).expanduser() if data_dir else Path.cwd()
+        for spec in self.extra_files:
+            path = root / spec
+            if not path.is_file():
+                raise LmforgeError(f"task.source.extra_files names {path}, which does not exist.")
+            texts["train"] += "\n" + _read_text(path, None)
+        return texts
+
+    def training_text(self, splits: dict) -> str:
+        """The text a tokenizer is trained on: the training contexts and questions."""
+        train = splits["train"]
+        if isinstance(train, str):
+            return train
+        return "\n".join([*dict.fromkeys(train["context"]), *train["question"]])
+
+    @staticmethod
+    def _size(split) -> str:
+        return f"{len(split):,} chars" if isinstance(split, str) else f"{len(split['id']):,} questions"
+
+    def _from_folder(self, folder: Path) -> dict:
+        files = {split: folder / f for split, f in self.local_files.items() if (folder / f).is_file()}
+        if not files:
+            raise LmforgeError(
+                f"Dataset folder {folder} holds none of the expected files: {', '.join(self.local_files.values())}."
+            )
+        splits = {split: read_squad_file(path) for split, path in files.items()}
+        if "unsplit" in splits:
+            splits.update(self._split_by_article(splits.pop("unsplit")))
+        return splits
+
+    def _split_by_article(self, columns: dict[str, list]) -> dict[str, dict[str, list]]:
+        held = {"validation": set(self.validation_articles), "test": set(self.test_articles)}
+        titles = set(columns["title"])
+        unknown = sorted((held["validation"] | held["test"]) - titles)
+        if unknown:
+            raise LmforgeError(
+                f"Dataset '{self.name}' has no article titled {', '.join(unknown[:3])} (task.source.*_articles)."
+            )
+        if held["validation"] & held["test"]:
+            raise LmforgeError(
+                f"Articles {', '.join(sorted(held['validation'] & held['test']))} are in both validation and test."
+            )
+        split_of = {title: split for split, names in held.items() for title in names}
+        rows: dict[str, list[int]] = {split: [] for split in SPLITS}
+        for i, title in enumerate(columns["title"]):
+            rows[split_of.get(title, "train")].append(i)
+        return {split: _rows(columns, keep) for split, keep in rows.items() if keep}
+
+    def _from_hub(self) -> dict:
+        from datasets import load_dataset
+
+        ds = load_dataset(self.hub_id, self.hub_config)
+        splits = {}
+        for split in ds:
+            if split in SPLITS:
+                require_columns(
+                    ds[split],
+                    COLUMNS,
+                    f"Dataset '{self.name}' ({self.hub_id}) split {split}",
+                    "use a SQuAD-format dataset",
+                )
+                splits[split] = {column: list(ds[split][column]) for column in COLUMNS}
+        return splits
+
+
+@dataclass
+class AnswerWindow:
+    """One window of a question and (part of) its context.
+
+    ``ids``, ``type_ids`` (0 question, 1 context) and ``offsets`` have one entry per token; ``offsets``
+    is the token's (start, end) characters in the context, (-1, -1) for the question and special
+    tokens. ``start``/``end`` are the positions of the first gold answer's first and last token, 0 and 0
+    when the window does not hold all of it.
+    """
+
+    ids: np.ndarray
+    type_ids: np.ndarray
+    offsets: np.ndarray
+    start: int
+    end: int
+
+
+@dataclass
+class QuestionWindows:
+    """A question (its index in the split) with the windows it is read through.
+
+    Validation and test batches take whole questions, so that the best span is chosen across all
+    of a question's windows; training takes one window per item.
+    """
+
+    index: int
+    windows: list[AnswerWindow]
+
+
+def answer_token_span(offsets: np.ndarray, first: int, last: int) -> tuple[int, int]:
+    """Token positions of the characters ``[first, last)`` among the context tokens ((T, 2) offsets,
+    -1 outside the context); (0, 0) when the window's context does not cover both ends."""
+    inside = np.flatnonzero(offsets[:, 0] >= 0)
+    if not len(inside) or offsets[inside[0], 0] > first or offsets[inside[-1], 1] < last:
+        return 0, 0
+    start = inside[offsets[inside, 1] > first][0]
+    end = inside[offsets[inside, 0] < last][-1]
+    return int(start), int(end)
+
+
+def _window(encoding: Encoding, answer: tuple[int, int] | None) -> AnswerWindow:
+    context = np.array([sid == 1 for sid in encoding.sequence_ids])
+    offsets = np.where(context[:, None], np.array(encoding.offsets, dtype=np.int32).reshape(-1, 2), -1)
+    start, end = answer_token_span(offsets, *answer) if answer else (0, 0)
+    # Segment ids from the sequence ids: a tokenizer without a pair template (GPT-2's) gives none.
+    return AnswerWindow(np.array(encoding.ids, dtype=np.int32), context.astype(np.int8), offsets, start, end)
+
+
+def encode_questions(
+    tokenizer: Tokenizer,
+    questions: list[str],
+    contexts: list[str],
+    answers: list[tuple[int, int] | None],
+    max_length: int,
+    stride: int,
+    max_question_length: int = 64,
+) -> list[list[AnswerWindow]]:
+    """Encode (question, context) pairs into windows of at most ``max_length`` tokens.
+
+    Args:
+        tokenizer: the run's tokenizer (left as it is; truncation is set on a copy).
+        answers: the (first, last + 1) characters of each question's answer in its context, or None.
+        stride: tokens of context that neighbouring windows share.
+        max_question_length: questions longer than this many tokens are cut (so a context token always fits).
+    Returns:
+        the windows of each question, in order.
+    """
+    if stride >= max_length - max_question_length - 3:
+        raise LmforgeError(
+            f"task.data.stride={stride} leaves no new context per window of max_length={max_length} "
+            f"(with questions up to {max_question_length} tokens); lower the stride."
+        )
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    cut = []
+    for question, encoding in zip(questions, tokenizer.encode_batch(questions, add_special_tokens=False)):
+        cut.append(
+            question[: encoding.offsets[max_question_length - 1][1]]
+            if len(encoding) > max_question_length
+            else question
+        )
+    tokenizer.enable_truncation(max_length, stride=stride, strategy="only_second")
+    encodings = tokenizer.encode_batch(list(zip(cut, contexts)))
+    return [
+        [_window(e, answer) for e in (encoding, *encoding.overflowing)] for encoding, answer in zip(encodings, answers)
+    ]
+
+
+def first_answer(answers: dict) -> tuple[int, int] | None:
+    """The character span of a question's first gold answer (the one trained on), or None."""
+    if not answers["text"]:
+        return None
+    start = answers["answer_start"][0]
+    return start, start + len(answers["text"][0])
+
+
+def collate_questions(
+    batch: list[QuestionWindows], columns: dict[str, list], pad_id: int
+) -> dict[str, torch.Tensor | list]:
+    """Pad the windows of a batch of questions (right padding) to the longest.
+
+    Returns:
+        tensors (one row per window): ``input_ids``, ``attention_mask``, ``token_type_ids``, ``offsets``
+        (B, T, 2; -1 outside the context), ``start_positions``, ``end_positions`` and ``question`` (B,),
+        the row of each window's question in the lists; lists (one entry per question): ``id``,
+        ``context``, ``answers`` (the gold texts).
+    """
+    windows = [(row, w) for row, item in enumerate(batch) for w in item.windows]
+    B, T = len(windows), max(len(w.ids) for _, w in windows)
+    out: dict = {
+        "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((B, T), dtype=torch.long),
+        "token_type_ids": torch.zeros((B, T), dtype=torch.long),
+        "offsets": torch.full((B, T, 2), -1, dtype=torch.long),
+        "start_positions": torch.tensor([w.start for _, w in windows]),
+        "end_positions": torch.tensor([w.end for _, w in windows]),
+        "question": torch.tensor([row for row, _ in windows]),
+    }
+    for i, (_, w) in enumerate(windows):
+        n = len(w.ids)
+        out["input_ids"][i, :n] = torch.from_numpy(w.ids)
+        out["attention_mask"][i, :n] = 1
+        out["token_type_ids"][i, :n] = torch.from_numpy(w.type_ids)
+        out["offsets"][i, :n] = torch.from_numpy(w.offsets)
+    for name in ("id", "context"):
+        out[name] = [columns[name][item.index] for item in batch]
+    out["answers"] = [columns["answers"][item.index]["text"] for item in batch]
+    return out
+
+
+class QuestionAnsweringDataModule(ExampleDataModule):
+    """Batches of (question, context) windows with the answer's token positions.
+
+    Training items are single windows (shuffled, grouped by length); validation and test items are
+    whole questions with all their windows, so that the task picks each answer across windows.
+    Encoded windows are cached in ``cache_dir``, keyed by the data, the tokenizer and the window settings.
+
+    Args:
+        texts: split -> columns (from :class:`SquadQuestions`).
+        tokenizer: the run's tokenizer (a fast tokenizer with offsets: every ``tokenizers.Tokenizer``).
+        max_length: tokens per window, question and special tokens included.
+        stride: context tokens shared by neighbouring windows.
+        max_question_length: questions are cut to this many tokens.
+        batch_size: windows per training batch.
+        eval_batch_size: questions per validation and test batch (None: ``batch_size``).
+        seed: seed of the training order.
+        num_workers: DataLoader worker processes.
+        cache_dir: where encoded windows are cached (None: no cache).
+    """
+
+    size_unit = "questions"
+
+    def __init__(
+        self,
+        texts: dict[str, dict[str, list]],
+        tokenizer: Tokenizer,
+        max_length: int = 384,
+        stride: int = 128,
+        max_question_length: int = 64,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+    ):
+        super().__init__(batch_size, eval_batch_size, seed, num_workers)
+        self.block_size = max_length
+        self.window = {"max_length": max_length, "stride": stride, "max_question_length": max_question_length}
+        self.pad_id = pad_token_id(tokenizer)
+        self.columns = texts
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        self.examples = {}
+        for split, columns in texts.items():
+            questions = [
+                QuestionWindows(i, w) for i, w in enumerate(self._encode(tokenizer, columns, fingerprint, cache_dir))
+            ]
+            if split == "train":
+                questions = [QuestionWindows(q.index, [w]) for q in questions for w in q.windows]
+            self.examples[split] = questions
+        if "train" in self.examples:
+            windows = len(self.examples["train"])
+            answered = sum(q.windows[0].start > 0 for q in self.examples["train"])
+            log.info("data: %d training windows of %d tokens (%d hold their answer)", windows, max_length, answered)
+
+    def _encode(
+        self, tokenizer: Tokenizer, columns: dict, fingerprint: str, cache_dir: str | None
+    ) -> list[list[AnswerWindow]]:
+        """The windows of each question of one split, from the cache when the same data and settings were seen."""
+        path = None
+        if cache_dir:
+            key = hashlib.sha256(
+                json.dumps([fingerprint, self.window, columns["id"], columns["question"], columns["context"],
+                            [first_answer(a) for a in columns["answers"]]]).encode()
+            ).hexdigest()[:32]  # fmt: skip
+            path = Path(cache_dir).expanduser() / "qa-windows" / f"{key}.npz"
+            if path.is_file():
+                return _unpack(np.load(path, allow_pickle=False))
+        windows = encode_questions(
+            tokenizer, columns["question"], columns["context"], [first_answer(a) for a in columns["answers"]],
+            **self.window,
+        )  # fmt: skip
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{np.random.randint(1 << 30)}.tmp.npz")
+            np.savez(tmp, **_pack(windows))
+            tmp.replace(path)  # atomic: concurrent runs never read a half-written file
+        return windows
+
+    def task_arguments(self) -> dict:
+        """What the task needs to know of the data: the window settings, to read new questions alike."""
+        return dict(self.window)
+
+    def training_lengths(self) -> list[int]:
+        """Window lengths: batches of similar lengths carry little padding."""
+        return [len(q.windows[0].ids) for q in self.examples["train"]]
+
+    def collate_for(self, split: str):
+        """Pad the windows of a batch of questions of ``split`` (whose texts and answers go along)."""
+        return functools.partial(collate_questions, columns=self.columns[split], pad_id=self.pad_id)
+
+
+def _pack(questions: list[list[AnswerWindow]]) -> dict[str, np.ndarray]:
+    """The windows as flat integer arrays (a cache file that loads without pickle)."""
+    windows = [w for q in questions for w in q]
+    return {
+        "windows_per_question": np.array([len(q) for q in questions], dtype=np.int32),
+        "lengths": np.array([len(w.ids) for w in windows], dtype=np.int32),
+        "ids": np.concatenate([w.ids for w in windows]),
+        "type_ids": np.concatenate([w.type_ids for w in windows]),
+        "offsets": np.concatenate([w.offsets for w in windows]),
+        "answers": np.array([(w.start, w.end) for w in windows], dtype=np.int32).reshape(-1, 2),
+    }
+
+
+def _unpack(arrays) -> list[list[AnswerWindow]]:
+    """The windows of :func:`_pack`'s arrays again (views into them, no copies)."""
+    bounds = np.concatenate([[0], np.cumsum(arrays["lengths"])]).tolist()
+    ids, type_ids, offsets = arrays["ids"], arrays["type_ids"], arrays["offsets"]
+    answers = arrays["answers"].tolist()
+    windows = [
+        AnswerWindow(ids[a:b], type_ids[a:b], offsets[a:b], *answers[i])
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
+    ]
+    questions, start = [], 0
+    for n in arrays["windows_per_question"].tolist():
+        questions.append(windows[start : start + n])
+        start += n
+    return questions
