@@ -37,6 +37,28 @@ def check_group_choices(overrides: list[str], conf_dir: Path = CONF_DIR) -> None
                 )
 
 
+# Keys whose values are free text (a prompt, a question, a paragraph): quoted before Hydra parses them.
+FREE_TEXT_KEYS = ("text", "prompt", "question", "context")
+
+
+def quote_free_text(args: list[str], keys: tuple[str, ...] = FREE_TEXT_KEYS) -> list[str]:
+    """Quote the values of free-text overrides, so that commas, brackets and parentheses in
+    ``context="Denver (AFC) won, 24-10."`` reach the program as text instead of Hydra syntax.
+
+    A value the user quoted already (``text='"a b"'``) or a list (``text=[a,b]``) is left as it is.
+    """
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        quoted = len(value) > 1 and value[0] == value[-1] and value[0] in "'\""
+        if sep and key in keys and not quoted and not value.startswith("["):
+            # Hydra unescapes a backslash only before a quote or at the end of the string.
+            trailing = len(value) - len(value.rstrip("\\"))
+            value = "'" + value.replace("'", "\\'") + "\\" * trailing + "'"
+        out.append(f"{key}{sep}{value}")
+    return out
+
+
 def _fail(err: BaseException) -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise err
@@ -52,6 +74,7 @@ def _hydra_entry(task_function: Callable[[Any], Any], config_name: str) -> None:
         check_group_choices(sys.argv[1:])
     except LmforgeError as err:
         _fail(err)
+    sys.argv[1:] = quote_free_text(sys.argv[1:])
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
     def main(cfg):

@@ -23,33 +23,16 @@ from lmforge.compose import MODEL_DESCRIPTION_KEYS, build_finetune, make_task
 from lmforge.data.tokenizers import EOS, eos_token_id, pad_token_id
 from lmforge.errors import LmforgeError
 from lmforge.models.pretrained import (
-    CAUSAL_LM,
-    MASKED_LM,
-    SEQ2SEQ_LM,
     SEQUENCE_CLASSIFICATION,
     TOKEN_CLASSIFICATION,
     Family,
     export_state,
     family_of_backbone,
+    head_kind,
 )
 from lmforge.runs import load_run, load_task_state
 
 log = logging.getLogger("lmforge")
-
-_TASK_HEADS = {
-    "LanguageModelingTask": CAUSAL_LM,
-    "MaskedLanguageModelingTask": MASKED_LM,
-    "ClassificationTask": SEQUENCE_CLASSIFICATION,
-    "TokenClassificationTask": TOKEN_CLASSIFICATION,
-}
-
-
-def head_kind(task: nn.Module) -> str | None:
-    """The Hugging Face head a task corresponds to (a decoder's seq2seq run is a causal LM: the prefix LM)."""
-    name = type(task).__name__
-    if name == "Seq2SeqTask":
-        return CAUSAL_LM if task.backbone.kind == "decoder" else SEQ2SEQ_LM
-    return _TASK_HEADS.get(name)
 
 
 def _check_exportable(task: nn.Module, kind: str | None, family: Family) -> None:
@@ -122,8 +105,12 @@ def _embedding_name(family: Family) -> str:
     ]
 
 
-def _write_tokenizer(tokenizer, out: Path, max_length: int | None) -> None:
-    """tokenizer.json plus a tokenizer_config.json naming its special tokens, for ``AutoTokenizer``."""
+def _write_tokenizer(tokenizer, out: Path, max_length: int | None, segments: bool) -> None:
+    """tokenizer.json plus a tokenizer_config.json naming its special tokens, for ``AutoTokenizer``.
+
+    Args:
+        segments: the model reads segment ids (BERT): the tokenizer returns them for text pairs.
+    """
     tokenizer.save(str(out / "tokenizer.json"))
     specials = {}
     for key, candidates in {
@@ -141,6 +128,8 @@ def _write_tokenizer(tokenizer, out: Path, max_length: int | None) -> None:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials}
     if max_length:
         config["model_max_length"] = max_length
+    if segments:  # transformers 5 leaves token_type_ids out unless told, and BERT would read zeros
+        config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -151,7 +140,8 @@ def _model_card(run_dir: Path, architecture: str, cfg: DictConfig, checkpoint: P
     auto = {"GPT2LMHeadModel": "AutoModelForCausalLM", "BertForMaskedLM": "AutoModelForMaskedLM",
             "T5ForConditionalGeneration": "AutoModelForSeq2SeqLM"}.get(architecture)  # fmt: skip
     auto = auto or ("AutoModelForSequenceClassification" if "Sequence" in architecture else
-                    "AutoModelForTokenClassification" if "Token" in architecture else "AutoModel")  # fmt: skip
+                    "AutoModelForTokenClassification" if "Token" in architecture else
+                    "AutoModelForQuestionAnswering" if "Question" in architecture else "AutoModel")  # fmt: skip
     return f"""# {cfg.model.name} trained on {cfg.task.name} with lmforge
 
 Exported from the lmforge run `{run_dir.name}` (checkpoint `{checkpoint.name}`) as a `{architecture}`.
@@ -205,7 +195,7 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best") -
     save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = hf_config(family, kind, run.cfg.model, task, run.tokenizer)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    _write_tokenizer(run.tokenizer, out, run.cfg.model.get("n_positions"))
+    _write_tokenizer(run.tokenizer, out, run.cfg.model.get("n_positions"), segments=family.model_type == "bert")
     cfg = OmegaConf.load(run.run_dir / "config.yaml")
     (out / "README.md").write_text(_model_card(run.run_dir, config["architectures"][0], cfg, run.checkpoint))
     log.info("exported %s (%s) to %s", run.run_dir.name, config["architectures"][0], out)

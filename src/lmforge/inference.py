@@ -154,26 +154,40 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
-def _read_inputs(cfg: DictConfig) -> list[str]:
-    """The texts to label: ``text=`` (one or a list), or ``file=`` (a line each, or JSON lines with a ``text`` field)."""
-    if cfg.get("text") is not None:
+def _read_inputs(cfg: DictConfig, fields: tuple[str, ...] = ("text",)) -> list:
+    """What to label: ``text=`` (one or a list) or ``file=`` (a line each, or JSON lines with a ``text`` field).
+
+    A task that reads several fields (question answering: ``question``, ``context``) takes them from
+    the command line (``question=... context=...``) or from each JSON line, and gets dicts.
+    """
+    if fields != ("text",):
+        if all(cfg.get(name) is not None for name in fields):
+            return [{name: str(cfg[name]) for name in fields}]
+        if not cfg.get("file"):
+            raise LmforgeError(f"Give {' and '.join(f'{n}=' for n in fields)}, or file=<jsonl> with those fields.")
+    elif cfg.get("text") is not None:
         return [cfg.text] if isinstance(cfg.text, str) else [str(t) for t in cfg.text]
     path = Path(cfg.file).expanduser()
     if not path.is_file():
         raise LmforgeError(f"file={cfg.file}: no such file.")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix not in (".jsonl", ".json"):
+    if fields == ("text",) and path.suffix not in (".jsonl", ".json"):
         return lines
+    wanted = fields if fields != ("text",) else (cfg.text_field,)
     try:
-        return [str(json.loads(line)[cfg.text_field]) for line in lines]
+        records = [json.loads(line) for line in lines]
+        if fields == ("text",):
+            return [str(record[cfg.text_field]) for record in records]
+        return [{name: str(record[name]) for name in fields} for record in records]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise LmforgeError(f"{path} is not JSON lines with a '{cfg.text_field}' field on every line ({err}).") from err
+        names = " and ".join(f"'{n}'" for n in wanted)
+        raise LmforgeError(f"{path} is not JSON lines with {names} on every line ({err}).") from err
 
 
 def predict_from_run(cfg: DictConfig) -> list[dict[str, Any]]:
     """Label texts with a run's model and print one JSON line per text (also written to ``output=``)."""
     setup_console()
-    if OmegaConf.is_missing(cfg, "run") or (cfg.get("text") is None and not cfg.get("file")):
+    if OmegaConf.is_missing(cfg, "run") or all(cfg.get(k) is None for k in ("text", "file", "question")):
         raise LmforgeError('Say which run and what to label: lmforge-predict run=<run dir> text="a gorgeous film"')
     run = load_run(cfg.run, cfg.checkpoint)
     checkpoint = run.saved
@@ -181,11 +195,12 @@ def predict_from_run(cfg: DictConfig) -> list[dict[str, Any]]:
     if not hasattr(task, "predict_texts"):
         raise LmforgeError(
             f"The task of {run.run_dir} ({run.cfg.task.name}) does not label texts; "
-            f"lmforge-predict serves classification and tagging runs (lmforge-generate samples from language models)."
+            f"lmforge-predict serves classification, tagging and question answering runs "
+            f"(lmforge-generate samples from language models)."
         )
     load_task_state(task, checkpoint)
     task.to(_device(cfg.device)).eval()
-    texts = _read_inputs(cfg)
+    texts = _read_inputs(cfg, getattr(task, "predict_fields", ("text",)))
     results = []
     for start in range(0, len(texts), cfg.batch_size):
         results.extend(task.predict_texts(texts[start : start + cfg.batch_size], run.tokenizer))

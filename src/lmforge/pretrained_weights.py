@@ -21,7 +21,14 @@ from torch import nn
 from lmforge.data.tokenizers import gpt2_tokenizer, load_tokenizer, wordpiece_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.hub import hub_reachable
-from lmforge.models.pretrained import Family, family_of_backbone, family_of_config, import_state, read_hf_folder
+from lmforge.models.pretrained import (
+    Family,
+    family_of_backbone,
+    family_of_config,
+    head_kind,
+    import_state,
+    read_hf_folder,
+)
 from lmforge.runs import group_names
 
 log = logging.getLogger("lmforge")
@@ -67,6 +74,11 @@ class PretrainedWeights:
         """Copy the checkpoint into a task's backbone (and head, where names and shapes fit); return one log line."""
         own = task.state_dict()
         fits = {n: t for n, t in self.state.items() if n in own and own[n].shape == t.shape}
+        # A head of another kind may have the right shape (a 2-class classifier, a start/end head): leave it out.
+        saved_as = set(self.config.get("architectures") or [])
+        wanted = self.family.architectures.get(head_kind(task))
+        if wanted not in saved_as and saved_as & set(self.family.architectures.values()):
+            fits = {n: t for n, t in fits.items() if not n.startswith("head.")}
         for name, tensor in self.state.items():
             if name.startswith("backbone.") and name in own and name not in fits:
                 raise LmforgeError(

@@ -202,8 +202,10 @@ def _window(encoding: Encoding, answer: tuple[int, int] | None) -> AnswerWindow:
     context = np.array([sid == 1 for sid in encoding.sequence_ids])
     offsets = np.where(context[:, None], np.array(encoding.offsets, dtype=np.int32).reshape(-1, 2), -1)
     start, end = answer_token_span(offsets, *answer) if answer else (0, 0)
-    # Segment ids from the sequence ids: a tokenizer without a pair template (GPT-2's) gives none.
-    return AnswerWindow(np.array(encoding.ids, dtype=np.int32), context.astype(np.int8), offsets, start, end)
+    # The pair template's segment ids (BERT's: 1 from the context to the last [SEP]); a tokenizer without
+    # one (GPT-2's) gives none, so they come from the sequence ids.
+    type_ids = np.array(encoding.type_ids, dtype=np.int8) if any(encoding.type_ids) else context.astype(np.int8)
+    return AnswerWindow(np.array(encoding.ids, dtype=np.int32), type_ids, offsets, start, end)
 
 
 def encode_questions(
@@ -366,6 +368,11 @@ class QuestionAnsweringDataModule(ExampleDataModule):
             np.savez(tmp, **_pack(windows))
             tmp.replace(path)  # atomic: concurrent runs never read a half-written file
         return windows
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        """Number of questions in each split (training items are windows; a question may have several)."""
+        return {split: len({q.index for q in items}) for split, items in self.examples.items()}
 
     def task_arguments(self) -> dict:
         """What the task needs to know of the data: the window settings, to read new questions alike."""

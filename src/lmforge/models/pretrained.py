@@ -21,12 +21,29 @@ import torch
 from lmforge.errors import LmforgeError
 
 # The Hugging Face head each lmforge task exports to (and imports from): the task's ``head_kind``.
-CAUSAL_LM, MASKED_LM, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, SEQ2SEQ_LM = (
-    "causal-lm", "masked-lm", "sequence-classification", "token-classification", "seq2seq-lm",
+CAUSAL_LM, MASKED_LM, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, SEQ2SEQ_LM, QUESTION_ANSWERING = (
+    "causal-lm", "masked-lm", "sequence-classification", "token-classification", "seq2seq-lm", "question-answering",
 )  # fmt: skip
 
 
-# Heads of Hugging Face classes that no lmforge task has (next-sentence prediction, question answering).
+_TASK_HEADS = {
+    "LanguageModelingTask": CAUSAL_LM,
+    "MaskedLanguageModelingTask": MASKED_LM,
+    "ClassificationTask": SEQUENCE_CLASSIFICATION,
+    "TokenClassificationTask": TOKEN_CLASSIFICATION,
+    "QuestionAnsweringTask": QUESTION_ANSWERING,
+}
+
+
+def head_kind(task: torch.nn.Module) -> str | None:
+    """The Hugging Face head a task corresponds to (a decoder's seq2seq run is a causal LM: the prefix LM)."""
+    name = type(task).__name__
+    if name == "Seq2SeqTask":
+        return CAUSAL_LM if task.backbone.kind == "decoder" else SEQ2SEQ_LM
+    return _TASK_HEADS.get(name)
+
+
+# Heads of Hugging Face classes that are not part of the backbone (BERT's next-sentence head has no lmforge task).
 _OTHER_HEADS = ("cls.", "classifier.", "score.", "qa_outputs.")
 
 
@@ -132,10 +149,15 @@ FAMILIES = {
             CAUSAL_LM: "GPT2LMHeadModel",
             SEQUENCE_CLASSIFICATION: "GPT2ForSequenceClassification",
             TOKEN_CLASSIFICATION: "GPT2ForTokenClassification",
+            QUESTION_ANSWERING: "GPT2ForQuestionAnswering",
         },
         prefixes={"*": ""},
         bare_prefix="transformer.",
-        heads={SEQUENCE_CLASSIFICATION: {"head.": "score."}, TOKEN_CLASSIFICATION: {"head.": "classifier."}},
+        heads={
+            SEQUENCE_CLASSIFICATION: {"head.": "score."},
+            TOKEN_CLASSIFICATION: {"head.": "classifier."},
+            QUESTION_ANSWERING: {"head.": "qa_outputs."},
+        },
         to_kwargs=_gpt2_kwargs,
         to_config=_gpt2_config,
         transposed=("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
@@ -149,6 +171,7 @@ FAMILIES = {
             MASKED_LM: "BertForMaskedLM",
             SEQUENCE_CLASSIFICATION: "BertForSequenceClassification",
             TOKEN_CLASSIFICATION: "BertForTokenClassification",
+            QUESTION_ANSWERING: "BertForQuestionAnswering",
             None: "BertModel",
         },
         prefixes={"BertModel": "", "*": "bert."},
@@ -160,6 +183,7 @@ FAMILIES = {
             },
             SEQUENCE_CLASSIFICATION: {"head.": "classifier."},
             TOKEN_CLASSIFICATION: {"head.": "classifier."},
+            QUESTION_ANSWERING: {"head.": "qa_outputs."},
         },
         to_kwargs=_bert_kwargs,
         to_config=_bert_config,

@@ -129,7 +129,7 @@ class QuestionAnsweringTask(TaskModule):
             backbone.pooler.requires_grad_(False)
         self.takes_segments = "token_type_ids" in inspect.signature(backbone.hidden_states).parameters
         self.dropout = nn.Dropout(dropout)
-        self.qa_outputs = nn.Linear(backbone.hidden_size, 2)
+        self.head = nn.Linear(backbone.hidden_size, 2)
         self.max_answer_length = max_answer_length
         self.n_best = n_best
         self.window = {"max_length": max_length, "stride": stride, "max_question_length": max_question_length}
@@ -149,7 +149,7 @@ class QuestionAnsweringTask(TaskModule):
         """(B, T) ids, mask and segment ids -> (B, T) start and end logits."""
         segments = {"token_type_ids": token_type_ids} if self.takes_segments else {}
         hidden = self.backbone.hidden_states(input_ids, attention_mask, **segments)
-        start, end = self.qa_outputs(self.dropout(hidden)).float().unbind(-1)
+        start, end = self.head(self.dropout(hidden)).float().unbind(-1)
         return start, end
 
     def _logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,7 +221,7 @@ class QuestionAnsweringTask(TaskModule):
         batch = collate_questions(
             [QuestionWindows(i, w) for i, w in enumerate(windows)], columns, pad_token_id(tokenizer)
         )
-        device = self.qa_outputs.weight.device
+        device = self.head.weight.device
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         results = []
         for question, found in zip(
