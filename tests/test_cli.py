@@ -17,7 +17,8 @@ def test_unknown_group_choice_lists_the_names_that_exist():
     with pytest.raises(LmforgeError, match="Unknown task 'nope'"):
         check_group_choices(["-m", "task=tinyshakespeare,nope"])
     with pytest.raises(
-        LmforgeError, match=r"^Unknown task/source 'wiki'; choose one of: sst2-pretrain, tinyshakespeare, wikitext2\.$"
+        LmforgeError,
+        match=r"^Unknown task/source 'wiki'; choose one of: squad, sst2-pretrain, tinyshakespeare, wikitext2\.$",
     ):
         check_group_choices(["task=mlm", "task/source=wiki"])
     check_group_choices(["model=gpt2-tiny", "task=tinyshakespeare", "optimizer.lr=1e-3", "debug=null"])

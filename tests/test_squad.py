@@ -346,3 +346,27 @@ def test_export_loads_as_bert_for_question_answering(qa_run, tmp_path):
         start, end = task(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     torch.testing.assert_close(theirs.start_logits, start, atol=1e-4, rtol=0)
     torch.testing.assert_close(theirs.end_logits, end, atol=1e-4, rtol=0)
+
+
+@requires_data
+def test_a_head_of_another_kind_is_not_loaded_even_when_its_shape_fits(cfg_factory, tmp_path):
+    """A 2-class classifier is (2, hidden) like a start/end head: loading it would start QA from nonsense."""
+    transformers = pytest.importorskip("transformers")
+    from omegaconf import open_dict
+    from test_pretrained import saved
+
+    from lmforge.compose import build_backbone
+    from lmforge.pretrained_weights import resolve_pretrained
+
+    config = transformers.BertConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=32,
+                                     intermediate_size=64, vocab_size=30522, num_labels=2)  # fmt: skip
+    folder = saved(transformers.BertForSequenceClassification(config), tmp_path / "bert")
+    cfg = cfg_factory(["model=bert-mini", f"model.pretrained={folder}", "task=squad"])
+    weights = resolve_pretrained(cfg.model, cfg.paths.data_dir)
+    with open_dict(cfg):
+        cfg.model.update(weights.model_overrides())
+    task = QuestionAnsweringTask(build_backbone(cfg.model, 30522), optimizer=torch.optim.AdamW)
+    message = weights.load_into(task)
+    assert (
+        "backbone and 0 head tensors" in message and "not used from the checkpoint: head.bias, head.weight" in message
+    )

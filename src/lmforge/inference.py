@@ -180,7 +180,7 @@ def _read_inputs(cfg: DictConfig, fields: tuple[str, ...] = ("text",)) -> list:
             return [str(record[cfg.text_field]) for record in records]
         return [{name: str(record[name]) for name in fields} for record in records]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        names = " and ".join(f"'{n}'" for n in wanted)
+        names = f"a '{wanted[0]}' field" if len(wanted) == 1 else " and ".join(f"'{n}'" for n in wanted) + " fields"
         raise LmforgeError(f"{path} is not JSON lines with {names} on every line ({err}).") from err
 
 

@@ -76,8 +76,9 @@ class PretrainedWeights:
         fits = {n: t for n, t in self.state.items() if n in own and own[n].shape == t.shape}
         # A head of another kind may have the right shape (a 2-class classifier, a start/end head): leave it out.
         saved_as = set(self.config.get("architectures") or [])
-        wanted = self.family.architectures.get(head_kind(task))
-        if wanted not in saved_as and saved_as & set(self.family.architectures.values()):
+        kind = head_kind(task)
+        wanted = self.family.architectures.get(kind)
+        if kind is not None and wanted not in saved_as and saved_as & set(self.family.architectures.values()):
             fits = {n: t for n, t in fits.items() if not n.startswith("head.")}
         for name, tensor in self.state.items():
             if name.startswith("backbone.") and name in own and name not in fits:
