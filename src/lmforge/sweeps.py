@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,9 @@ SUMMARY_FILE = "summary.md"
 SWEEP_JOB_VAR = "LMFORGE_SWEEP_JOB"
 # What Lightning's DDP launcher appends to the command it restarts (lightning_fabric's _hydra_subprocess_cmd).
 _LIGHTNING_APPENDED = ("hydra.run.dir=", "hydra.job.name=", "hydra.output_subdir=")
+# What Lightning's DDP launcher sets in rank 0's environment; each sweep job starts without it.
+_DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+_env_before_job: dict[str, str | None] = {}
 
 
 def monitored(cfg: DictConfig) -> tuple[str, str]:
@@ -63,6 +67,7 @@ def start_job(cfg: DictConfig) -> None:
     job = _multirun_job()
     if job is not None and is_rank_zero():
         os.environ[SWEEP_JOB_VAR] = json.dumps(list(job.overrides.task))
+        _env_before_job.update({k: os.environ.get(k) for k in _DDP_ENV})
     from hydra.core.hydra_config import HydraConfig
 
     if job is None and HydraConfig.initialized() and HydraConfig.get().runtime.choices.get("hparams_search"):
@@ -84,6 +89,7 @@ def finish_job(cfg: DictConfig, records: list[dict[str, Any]]) -> float:
     value = objective(last["metrics"], monitor)
     job = _multirun_job()
     if job is not None and is_rank_zero():
+        _end_distributed()
         summary = {
             "num": job.job.num,
             "overrides": list(job.overrides.task),
@@ -98,6 +104,20 @@ def finish_job(cfg: DictConfig, records: list[dict[str, Any]]) -> float:
         out.mkdir(parents=True, exist_ok=True)
         (out / JOB_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return value
+
+
+def _end_distributed() -> None:
+    """Close this job's DDP process group and launcher environment, whose other ranks have exited:
+    the next job would otherwise reuse both and wait on ranks that are gone."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key, value in _env_before_job.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _env_before_job.clear()
 
 
 def single_job_argv(argv: list[str]) -> list[str]:
