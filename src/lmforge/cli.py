@@ -17,8 +17,24 @@ CONF_DIR = Path(os.environ.get("LMFORGE_CONF", Path(__file__).resolve().parents[
 
 
 def config_choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
-    """The names a user can give a config group (file names in ``conf/<group>/`` without ``.yaml``)."""
-    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+    """The names a user can give a config group (file names in ``conf/<group>/`` without ``.yaml``;
+    for ``hydra/...`` groups also those of Hydra and its installed plugins, such as ``hydra/launcher=joblib``)."""
+    names = {p.stem for p in (conf_dir / group).glob("*.yaml")}
+    if group.startswith("hydra/"):
+        names.update(_registered_choices(group))
+    return sorted(names)
+
+
+def _registered_choices(group: str) -> list[str]:
+    """Config names that Hydra and its plugins register in code (ConfigStore) for ``group``."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # imports the installed hydra_plugins.*, which register their configs
+    node = ConfigStore.instance().repo
+    for part in group.split("/"):
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return [name.removesuffix(".yaml") for name in node if name.endswith(".yaml")]
 
 
 def check_group_choices(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
@@ -32,6 +48,8 @@ def check_group_choices(overrides: list[str], conf_dir: Path = CONF_DIR) -> None
             continue
         for name in value.split(","):
             if name and name != "null" and not (conf_dir / key / f"{name}.yaml").is_file():
+                if key.startswith("hydra/") and name in _registered_choices(key):
+                    continue
                 raise LmforgeError(
                     f"Unknown {key} '{name}'; choose one of: {', '.join(config_choices(key, conf_dir))}."
                 )

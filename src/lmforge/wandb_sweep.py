@@ -26,9 +26,9 @@ COMMAND = ["${env}", "python", "${program}", "${args_no_hyphens}"]
 def wandb_parameter(key: str, spec: Any) -> dict[str, Any]:
     """One W&B sweep parameter from a Hydra sweep value, with the bounds Optuna's sweeper gives it.
 
-    ``choice(a,b)`` -> ``values``; ``interval(lo,hi)`` -> ``min``/``max`` with ``uniform`` (``int_uniform``
-    for integers, ``log_uniform_values`` under ``tag(log, ...)``); ``range(lo,hi,step)`` -> ``int_uniform``
-    or ``values`` (Optuna includes ``hi``); anything else -> a fixed ``value``.
+    ``choice(a,b)`` -> ``values``; ``interval(lo,hi)`` -> ``min``/``max`` with ``uniform``
+    (``log_uniform_values`` under ``tag(log, ...)``); ``range(lo,hi,step)`` -> ``int_uniform`` or
+    ``values`` (Optuna includes ``hi``), ``q_uniform`` for floats; anything else -> a fixed ``value``.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import IntervalSweep, RangeSweep
@@ -49,13 +49,9 @@ def wandb_parameter(key: str, spec: Any) -> dict[str, Any]:
                 return {"distribution": "int_uniform", "min": start, "max": stop}
             return {"values": list(range(start, stop + 1, step))}
         return {"distribution": "q_uniform", "min": start, "max": stop, "q": step}
-    if isinstance(value, IntervalSweep):
-        ints = isinstance(value.start, int) and isinstance(value.end, int)
-        if "log" in value.tags:
-            if ints:  # W&B has no integer log-uniform; q=1 rounds to whole numbers
-                return {"distribution": "q_log_uniform_values", "min": value.start, "max": value.end, "q": 1}
-            return {"distribution": "log_uniform_values", "min": value.start, "max": value.end}
-        return {"distribution": "int_uniform" if ints else "uniform", "min": value.start, "max": value.end}
+    if isinstance(value, IntervalSweep):  # Hydra reads interval bounds as floats, so Optuna samples floats
+        distribution = "log_uniform_values" if "log" in value.tags else "uniform"
+        return {"distribution": distribution, "min": value.start, "max": value.end}
     raise LmforgeError(f"Search parameter {key}: W&B sweeps have no equivalent of '{spec}'.")
 
 
