@@ -151,12 +151,13 @@ def _override_dict(overrides: list[str]) -> dict[str, str]:
     return dict(o.split("=", 1) if "=" in o else (o, "") for o in overrides)
 
 
-def _is_float(text: str) -> bool:
+def _short(override_value: str | None) -> str | None:
+    """An override value for the table: Optuna's floats come with 17 digits."""
     try:
-        float(text)
-    except ValueError:
-        return False
-    return "." in text or "e" in text.lower()
+        number = float(override_value)
+    except (TypeError, ValueError):
+        return override_value
+    return f"{number:.4g}" if "." in override_value or "e" in override_value.lower() else override_value
 
 
 def summary_table(jobs: list[dict[str, Any]]) -> str:
@@ -173,15 +174,13 @@ def summary_table(jobs: list[dict[str, Any]]) -> str:
     def cell(value: Any) -> str:
         if value is None:
             return ""
-        if isinstance(value, str) and _is_float(value):  # an override as typed; Optuna's come with 17 digits
-            value = float(value)
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
         return text.replace("|", "\\|")
 
     rows = [
         [
             j["num"],
-            *(o.get(k) for k in varying),
+            *(_short(o.get(k)) for k in varying),
             j["objective"],
             *(j["metrics"].get(t) for t in tests),
             f"{j['wall_time_s']:.1f}",
