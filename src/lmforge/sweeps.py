@@ -70,7 +70,11 @@ def start_job(cfg: DictConfig) -> None:
         _env_before_job.update({k: os.environ.get(k) for k in _DDP_ENV})
     from hydra.core.hydra_config import HydraConfig
 
-    if job is None and HydraConfig.initialized() and HydraConfig.get().runtime.choices.get("hparams_search"):
+    searching = HydraConfig.initialized() and HydraConfig.get().runtime.choices.get("hparams_search")
+    if job is None and searching and is_rank_zero():
+        from lmforge.console import setup_console
+
+        setup_console()  # the run's own console format, not Hydra's
         log.warning("hparams_search only sets up a sweep: add -m to run it (this is one run with its base settings).")
 
 
