@@ -103,5 +103,5 @@ def write_wandb_sweep(name: str, method: str = "bayes", out: str | None = None) 
     path = Path(out or f"outputs/sweeps/{name}-wandb.yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
-    print(f"wrote {path}\nnext: wandb sweep {path}   then, from this folder: wandb agent <sweep id>")
+    print(f"wrote {path}\nnext: wandb sweep {path}   then, from the repository root: wandb agent <sweep id>")
     return path
