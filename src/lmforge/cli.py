@@ -17,8 +17,24 @@ CONF_DIR = Path(os.environ.get("LMFORGE_CONF", Path(__file__).resolve().parents[
 
 
 def config_choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
-    """The names a user can give a config group (file names in ``conf/<group>/`` without ``.yaml``)."""
-    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+    """The names a user can give a config group (file names in ``conf/<group>/`` without ``.yaml``;
+    for ``hydra/...`` groups also those of Hydra and its installed plugins, such as ``hydra/launcher=joblib``)."""
+    names = {p.stem for p in (conf_dir / group).glob("*.yaml")}
+    if group.startswith("hydra/"):
+        names.update(_registered_choices(group))
+    return sorted(names)
+
+
+def _registered_choices(group: str) -> list[str]:
+    """Config names that Hydra and its plugins register in code (ConfigStore) for ``group``."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # imports the installed hydra_plugins.*, which register their configs
+    node = ConfigStore.instance().repo
+    for part in group.split("/"):
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return [name.removesuffix(".yaml") for name in node if name.endswith(".yaml")]
 
 
 def check_group_choices(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
@@ -32,6 +48,8 @@ def check_group_choices(overrides: list[str], conf_dir: Path = CONF_DIR) -> None
             continue
         for name in value.split(","):
             if name and name != "null" and not (conf_dir / key / f"{name}.yaml").is_file():
+                if key.startswith("hydra/") and name in _registered_choices(key):
+                    continue
                 raise LmforgeError(
                     f"Unknown {key} '{name}'; choose one of: {', '.join(config_choices(key, conf_dir))}."
                 )
@@ -70,6 +88,9 @@ def _hydra_entry(task_function: Callable[[Any], Any], config_name: str) -> None:
     """Run a Hydra main function, turning user errors into one sentence and exit status 1."""
     import hydra
 
+    from lmforge.sweeps import single_job_argv
+
+    sys.argv = single_job_argv(sys.argv)  # a DDP rank > 0 of a sweep job runs that job alone
     try:
         check_group_choices(sys.argv[1:])
     except LmforgeError as err:
@@ -90,18 +111,24 @@ def train() -> None:
     """Train a model on a task: ``lmforge-train model=gpt2-tiny task=tinyshakespeare [key=value ...]``.
 
     Every choice is a Hydra override of ``conf/train.yaml``; ``--cfg job`` prints the
-    composed config and ``-m`` sweeps over comma-separated values.
+    composed config and ``-m`` sweeps over comma-separated values (``hparams_search=<name>``:
+    an Optuna search). Returns the monitored metric's best value, the objective of a sweeper.
     """
 
     def run(cfg):
+        from lmforge import sweeps
+
+        sweeps.start_job(cfg)
         if "wandb" in (cfg.get("logger") or {}):
             _prestart_wandb()
         # Heavy imports only after the config is known to be valid.
         from lmforge.training import command_line_overrides, run_stages, run_training
 
         if cfg.get("stages"):
-            return run_stages(cfg, command_line_overrides())
-        return run_training(cfg)
+            records = run_stages(cfg, command_line_overrides())
+        else:
+            records = [run_training(cfg)]
+        return sweeps.finish_job(cfg, records)
 
     _hydra_entry(run, "train")
 
@@ -182,6 +209,31 @@ def export() -> None:
         export_run(cfg.run, cfg.out, cfg.checkpoint)
 
     _hydra_entry(run, "export")
+
+
+def sweep(argv: list[str] | None = None) -> None:
+    """Write a search space for another sweep tool: ``lmforge-sweep wandb <hparams_search name>``.
+
+    ``wandb``: a W&B sweep YAML (``--method bayes|random|grid``, ``--out <file>`` or ``-`` for
+    stdout; default ``outputs/sweeps/<name>-wandb.yaml``) whose agent runs ``train.py key=value ...``.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lmforge-sweep", description=sweep.__doc__)
+    tools = parser.add_subparsers(dest="tool", required=True)
+    wandb_args = tools.add_parser("wandb", help="a W&B sweep YAML from an hparams_search config")
+    wandb_args.add_argument("name", help="an hparams_search config: conf/hparams_search/<name>.yaml")
+    wandb_args.add_argument("--method", default="bayes", choices=["bayes", "random", "grid"])
+    wandb_args.add_argument(
+        "--out", help="the file to write, '-' for stdout (default outputs/sweeps/<name>-wandb.yaml)"
+    )
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        from lmforge.wandb_sweep import write_wandb_sweep
+
+        write_wandb_sweep(args.name, args.method, args.out)
+    except LmforgeError as err:
+        _fail(err)
 
 
 if __name__ == "__main__":

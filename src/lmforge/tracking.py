@@ -99,6 +99,8 @@ def wandb_logger(
     settings = wandb.Settings(
         silent=True, console="off", init_timeout=init_timeout, x_disable_stats=resolved != "online"
     )
+    if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+        run_id = os.environ["WANDB_RUN_ID"]  # started by `wandb agent`: the sweep waits for the run it named
     logger = WandbLogger(
         save_dir=save_dir,
         id=run_id,
