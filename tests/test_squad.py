@@ -75,6 +75,26 @@ def test_pretraining_text_leaves_out_the_test_articles(squad):
     assert not any(context in texts["train"] for context in squad["test"]["context"][::50])
 
 
+def test_online_the_hub_splits_are_read_as_they_are(tmp_path, monkeypatch):
+    import datasets
+
+    rows = {"id": ["a", "b"], "title": ["T", "T"], "context": ["Paris is in France.", "Rome is in Italy."],
+            "question": ["Where is Paris?", "Where is Rome?"],
+            "answers": [{"text": ["France"], "answer_start": [12]}, {"text": ["Italy"], "answer_start": [11]}]}  # fmt: skip
+    asked = []
+
+    def load_dataset(*args, **kwargs):
+        asked.append(args)
+        return datasets.DatasetDict({s: datasets.Dataset.from_dict(rows) for s in ("train", "validation")})
+
+    monkeypatch.setattr("lmforge.data.sources.hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    splits = squad_source().load(str(tmp_path))  # no local folder: the hub, its dev set as validation
+    assert asked == [("rajpurkar/squad", None)]
+    assert set(splits) == {"train", "validation"}
+    assert splits["validation"]["answers"][1] == {"text": ["Italy"], "answer_start": [11]}
+
+
 @requires_data
 def test_an_unknown_article_is_one_sentence():
     with pytest.raises(LmforgeError, match="no article titled Atlantis"):
