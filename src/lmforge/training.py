@@ -138,8 +138,11 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
             cfg.model.pretrained = pretrained.source
         elif cfg.model.get("pretrained") and not resuming:
             cfg.model.pretrained = None  # auto found no weights: a resumed run must not find some later
+    # Taken now: the code this run imported, not what the tree holds when it ends.
+    git = tracking.git_state()
     if is_rank_zero():
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        tracking.save_git_diff(run_dir)
         if resuming:
             tracking.keep_csv_history(run_dir / "csv")
     loggers = build_loggers(cfg)
@@ -216,7 +219,7 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         if run.throughput and run.throughput.startup_seconds
         else None,
         "best_checkpoint": best or None,
-        **tracking.run_metadata(cfg.seed),
+        **tracking.run_metadata(cfg.seed, command_line_overrides(), git),
     }
     if trainer.is_global_zero:
         tracking.write_json(run_dir / "metrics.json", record)
