@@ -206,6 +206,7 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         "tokenizer": cfg.tokenizer.get("name"),
         "parameters": n_params,
         "trainable_parameters": trainable,
+        "device": _device_name(trainer),
         "steps": trainer.global_step,
         "metrics": metrics,
         "wall_time_s": round(wall, 2),
@@ -229,11 +230,16 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
     return record
 
 
+def _device_name(trainer) -> str:
+    """What the run trained on: ``cpu``, ``cuda``, ``mps``..."""
+    return type(trainer.accelerator).__name__.replace("Accelerator", "").lower()
+
+
 def _report_start(cfg: DictConfig, run, loggers: list[Any], n_params: int) -> None:
     """One console line per choice that matters; hyperparameters to every logger."""
     trainer = run.trainer
     sizes = ", ".join(f"{k} {v:,}" for k, v in run.datamodule.split_sizes.items())
-    device = trainer.accelerator.__class__.__name__.replace("Accelerator", "").lower()
+    device = _device_name(trainer)
     log.info("model: %s (%s, %s parameters)", cfg.model.name, type(run.backbone).__name__, _fmt_params(n_params))
     log.info("task: %s (%s %s)", cfg.task.name, sizes, getattr(run.datamodule, "size_unit", "examples"))
     log.info("tokenizer: %s (%d tokens)", cfg.tokenizer.get("name", "?"), run.tokenizer.get_vocab_size())
