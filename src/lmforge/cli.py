@@ -211,6 +211,30 @@ def export() -> None:
     _hydra_entry(run, "export")
 
 
+def reproduce() -> None:
+    """Train a run again from its saved config and compare: ``lmforge-reproduce run=<run dir>``.
+
+    The new run (same config, same seed) gets its own run dir, with ``reproduce.json``: each final
+    metric and the final weights, original against reproduced, and notes on what differs in git,
+    uncommitted changes, package versions or hardware. Exit status 1 when they do not match.
+    Options: tolerance=<largest absolute difference> (default 0 on the CPU), device=cpu|gpu,
+    paths.output_root, data_dir; nothing else can change. See conf/reproduce.yaml.
+    """
+    from lmforge.reproduce import check_options
+
+    try:
+        check_options(sys.argv[1:])
+    except LmforgeError as err:
+        _fail(err)
+
+    def run(cfg):
+        from lmforge.reproduce import reproduce_run
+
+        reproduce_run(cfg)
+
+    _hydra_entry(run, "reproduce")
+
+
 def sweep(argv: list[str] | None = None) -> None:
     """Write a search space for another sweep tool: ``lmforge-sweep wandb <hparams_search name>``.
 

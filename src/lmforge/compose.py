@@ -161,6 +161,22 @@ def check_pairing(cfg: DictConfig) -> None:
         task_class.check_backbone(model_kind, cfg.model.name)
 
 
+def resolve_deterministic(value: Any, accelerator: Any) -> bool | str | None:
+    """Lightning's ``deterministic=`` for ``trainer.deterministic``: ``auto`` is ``"warn"`` when the run
+    trains on the CPU (bitwise-repeatable at no cost there) and ``False`` on an accelerator (where
+    deterministic kernels are slower); any other value is passed on as it is."""
+    if value != "auto":
+        return value
+    if accelerator == "auto":
+        import torch
+
+        mps = getattr(torch.backends, "mps", None)
+        on_cpu = not torch.cuda.is_available() and not (mps is not None and mps.is_available())
+    else:
+        on_cpu = accelerator == "cpu"
+    return "warn" if on_cpu else False
+
+
 def build_run(
     cfg: DictConfig,
     loggers: list[Any] | None = None,
@@ -190,7 +206,10 @@ def build_run(
         backbone.compile()  # in place: parameter names (and checkpoints) stay the same
     callbacks = [*build_callbacks(cfg), *method.callbacks()]
     trainer = instantiate(
-        cfg.trainer, logger=loggers if loggers is not None else build_loggers(cfg), callbacks=callbacks
+        cfg.trainer,
+        logger=loggers if loggers is not None else build_loggers(cfg),
+        callbacks=callbacks,
+        deterministic=resolve_deterministic(cfg.trainer.get("deterministic"), cfg.trainer.get("accelerator", "auto")),
     )
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
     return Run(tokenizer, datamodule, backbone, task, trainer, throughput)

@@ -10,6 +10,7 @@ import netrc
 import os
 import platform
 import secrets
+import shlex
 import subprocess
 import sys
 import time
@@ -146,20 +147,50 @@ def describe_wandb(logger) -> str:
     return f"W&B online: {run.url}"
 
 
+def _git(cwd: str | Path, *args: str) -> str | None:
+    """The output of a git command in ``cwd``, or None when git is missing, fails or is not a checkout there."""
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _code_dir(cwd: str | Path | None) -> Path:
+    """Where git is asked: the given folder, else lmforge's own source tree (the code that runs)."""
+    return Path(cwd) if cwd else Path(__file__).resolve().parent
+
+
 def git_state(cwd: str | Path | None = None) -> dict[str, Any]:
     """The git commit of the working tree and whether it has uncommitted changes (None outside git)."""
-    cwd = cwd or Path(__file__).resolve().parent
+    cwd = _code_dir(cwd)
+    sha = _git(cwd, "rev-parse", "HEAD")
+    dirty = _git(cwd, "status", "--porcelain", "--untracked-files=no")
+    return {"git_sha": sha.strip() if sha else None, "git_dirty": bool(dirty.strip()) if dirty is not None else None}
 
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
 
-    sha = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"git_sha": sha, "git_dirty": bool(dirty) if dirty is not None else None}
+def git_diff(cwd: str | Path | None = None) -> str | None:
+    """The uncommitted changes to tracked files (``git diff HEAD``); None when there are none or outside git.
+
+    Untracked files are not part of it, as they are not part of ``git_dirty``.
+    """
+    diff = _git(_code_dir(cwd), "diff", "HEAD")
+    return diff or None
+
+
+def save_git_diff(run_dir: str | Path, cwd: str | Path | None = None) -> Path | None:
+    """Write ``git diff HEAD`` to ``<run_dir>/git.diff`` when the tree is dirty; return the file, or None.
+
+    A clean tree (or no git) leaves no file, and removes one a resumed run's first part left behind,
+    so that the file always goes with the run's ``git_dirty``.
+    """
+    path = Path(run_dir) / "git.diff"
+    diff = git_diff(cwd)
+    if diff is None:
+        path.unlink(missing_ok=True)
+        return None
+    path.write_text(diff, encoding="utf-8")
+    return path
 
 
 def package_versions() -> dict[str, str | None]:
@@ -174,7 +205,7 @@ def package_versions() -> dict[str, str | None]:
 
 
 def hardware() -> dict[str, Any]:
-    """CPU, core count and GPU names of this machine."""
+    """CPU, core count, torch's CPU threads and GPU names of this machine."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -186,7 +217,8 @@ def hardware() -> dict[str, Any]:
     except OSError:
         pass
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "gpus": gpus}
+    # The thread count splits CPU reductions differently, so it decides the last bits of CPU results.
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpus": gpus}
 
 
 def peak_memory_mb() -> float:
@@ -200,11 +232,21 @@ def peak_memory_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
-def run_metadata(seed: int) -> dict[str, Any]:
-    """Everything needed to tell how a run was made: command, git, versions, hardware, seed."""
+def run_metadata(seed: int, overrides: list[str] | None = None, git: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything needed to tell how a run was made: command, git, versions, hardware, seed.
+
+    Args:
+        overrides: the Hydra overrides of the job (a sweep job's own, not the whole sweep's).
+        git: :func:`git_state` as taken when the run started; None takes it now.
+    Returns:
+        ``command`` (``sys.argv``, shell-quoted: ``shlex.split`` gives it back), ``cwd``, ``overrides``,
+        ``git_sha``, ``git_dirty``, ``versions``, ``hardware`` and ``seed``.
+    """
     return {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        **git_state(),
+        "command": shlex.join(sys.argv),
+        "cwd": os.getcwd(),
+        "overrides": list(overrides or []),
+        **(git if git is not None else git_state()),
         "versions": package_versions(),
         "hardware": hardware(),
         "seed": seed,

@@ -138,8 +138,11 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
             cfg.model.pretrained = pretrained.source
         elif cfg.model.get("pretrained") and not resuming:
             cfg.model.pretrained = None  # auto found no weights: a resumed run must not find some later
+    # Taken now: the code this run imported, not what the tree holds when it ends.
+    git = tracking.git_state()
     if is_rank_zero():
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        tracking.save_git_diff(run_dir)
         if resuming:
             tracking.keep_csv_history(run_dir / "csv")
     loggers = build_loggers(cfg)
@@ -203,6 +206,7 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         "tokenizer": cfg.tokenizer.get("name"),
         "parameters": n_params,
         "trainable_parameters": trainable,
+        "device": _device_name(trainer),
         "steps": trainer.global_step,
         "metrics": metrics,
         "wall_time_s": round(wall, 2),
@@ -216,7 +220,7 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         if run.throughput and run.throughput.startup_seconds
         else None,
         "best_checkpoint": best or None,
-        **tracking.run_metadata(cfg.seed),
+        **tracking.run_metadata(cfg.seed, command_line_overrides(), git),
     }
     if trainer.is_global_zero:
         tracking.write_json(run_dir / "metrics.json", record)
@@ -226,11 +230,16 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
     return record
 
 
+def _device_name(trainer) -> str:
+    """What the run trained on: ``cpu``, ``cuda``, ``mps``..."""
+    return type(trainer.accelerator).__name__.replace("Accelerator", "").lower()
+
+
 def _report_start(cfg: DictConfig, run, loggers: list[Any], n_params: int) -> None:
     """One console line per choice that matters; hyperparameters to every logger."""
     trainer = run.trainer
     sizes = ", ".join(f"{k} {v:,}" for k, v in run.datamodule.split_sizes.items())
-    device = trainer.accelerator.__class__.__name__.replace("Accelerator", "").lower()
+    device = _device_name(trainer)
     log.info("model: %s (%s, %s parameters)", cfg.model.name, type(run.backbone).__name__, _fmt_params(n_params))
     log.info("task: %s (%s %s)", cfg.task.name, sizes, getattr(run.datamodule, "size_unit", "examples"))
     log.info("tokenizer: %s (%d tokens)", cfg.tokenizer.get("name", "?"), run.tokenizer.get_vocab_size())
