@@ -1,12 +1,15 @@
-"""Lightning callbacks of our own: throughput and a progress bar that counts optimizer steps."""
+"""Lightning callbacks of our own: throughput, a stop on a non-finite loss and a progress bar that counts
+optimizer steps."""
 
 from __future__ import annotations
 
 import time
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import RichProgressBar
 
+from lmforge.errors import LmforgeError
 from lmforge.tracking import process_age_seconds
 
 
@@ -62,6 +65,31 @@ def _count_tokens(batch) -> int:
         mask = batch.get("attention_mask")
         return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
     return batch[0].numel()
+
+
+class StopOnNonFiniteLoss(pl.Callback):
+    """Stop the run in one sentence when the training loss becomes NaN or infinite.
+
+    Lightning runs the checkpoint callbacks after every other one, so the step whose loss is not
+    finite saves nothing: ``checkpoints/last.ckpt`` keeps the last state saved before it.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Raise :class:`LmforgeError` when this batch's loss is not finite (on any DDP rank)."""
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        finite = loss is None or bool(torch.isfinite(loss.detach()).all())
+        # Every rank must take the same decision, or the others would wait on it forever.
+        if trainer.strategy.reduce_boolean_decision(finite, all=True):
+            return
+        saved = [c.last_model_path for c in trainer.checkpoint_callbacks if getattr(c, "last_model_path", "")]
+        kept = f"{saved[0]} is the last state saved before it" if saved else "no checkpoint was saved before it"
+        group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
+        lr = group.get("initial_lr", group.get("lr"))
+        lower = f"lower optimizer.lr (now {lr:g})" if lr is not None else "lower optimizer.lr"
+        raise LmforgeError(
+            f"The training loss became {float(loss)} at step {trainer.global_step}, so the run stopped "
+            f"({kept}); {lower} or use trainer.gradient_clip_val and start again."
+        )
 
 
 class StepProgressBar(RichProgressBar):

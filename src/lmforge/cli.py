@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, sentence
 
 log = logging.getLogger("lmforge")
 
@@ -77,11 +79,100 @@ def quote_free_text(args: list[str], keys: tuple[str, ...] = FREE_TEXT_KEYS) -> 
     return out
 
 
+def check_override_types(cfg: Any, defaults: Any, overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Fail with one sentence when an override gives text to a key whose default is a number or a
+    flag (``trainer.max_steps=abc``), before the value reaches a constructor deep inside a library.
+
+    Args:
+        cfg: the composed config, overrides applied.
+        defaults: the same config composed without the ``key=value`` overrides (group choices kept).
+        overrides: the command line's overrides.
+    """
+    from omegaconf import OmegaConf
+
+    for key in _value_override_keys(overrides, conf_dir):
+        if key in TEXT_OR_NUMBER_KEYS:
+            continue
+        try:
+            default = OmegaConf.select(defaults, key, throw_on_missing=False)
+            value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        except Exception:  # an interpolation that cannot resolve yet is not this check's business
+            continue
+        if isinstance(default, (bool, int, float)) and isinstance(value, str):
+            kind = "true or false" if isinstance(default, bool) else "a number"
+            raise LmforgeError(f"{key}={value} is not valid: {key} takes {kind} (its default is {default}).")
+
+
+# Keys whose default is a number but which also take words (``trainer.devices=auto``).
+TEXT_OR_NUMBER_KEYS = ("trainer.devices",)
+
+
+def _value_override_keys(overrides: list[str], conf_dir: Path = CONF_DIR) -> list[str]:
+    """The keys of ``key=value`` overrides, leaving out group choices (``model=...``) and Hydra's own keys."""
+    keys = []
+    for arg in overrides:
+        key, sep, _ = arg.partition("=")
+        key = key.lstrip("+~").strip()
+        if sep and key and not key.startswith("hydra") and "/" not in key and not (conf_dir / key).is_dir():
+            keys.append(key)
+    return keys
+
+
+def hydra_error_sentence(err: BaseException) -> str:
+    """One sentence for an error that Hydra or OmegaConf raises about the command line or the config
+    (a typo'd key, override syntax, a failed interpolation), instead of their several lines."""
+    from hydra.errors import OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    cause = err.__cause__ if err.__cause__ is not None else err
+    parent = getattr(cause, "parent_node", None)
+    if isinstance(err, OverrideParseException):
+        lines = str(err).splitlines()
+        return sentence(f"Cannot parse an override ({lines[0]}); {lines[-1][0].lower()}{lines[-1][1:]}")
+    if (
+        isinstance(cause, (ConfigKeyError, ConfigAttributeError))
+        and cause.full_key
+        and parent is not None
+        and hasattr(parent, "keys")
+    ):
+        key = str(cause.key)
+        prefix = cause.full_key[: -len(key)]
+        close = difflib.get_close_matches(key, [str(k) for k in parent], n=1)
+        where = f"those of {prefix[:-1]}" if prefix else "the top-level keys"
+        hint = f"did you mean {prefix}{close[0]}?" if close else f"{where} are: {', '.join(map(str, parent))}"
+        return f"{cause.full_key} is not a config key ({hint}); +{cause.full_key}=<value> adds a new one."
+    if isinstance(err, OmegaConfBaseException) and err.full_key and err.full_key not in str(err):
+        return sentence(f"{err.full_key}: {str(err).splitlines()[0]}")
+    noise = ("See https://hydra.cc", "full_key:", "object_type", "Set the environment variable", "To append to")
+    lines = [line.strip() for line in str(err).splitlines()]
+    if isinstance(err.__cause__, OmegaConfBaseException):
+        lines += str(err.__cause__).splitlines()[:1]
+    return sentence("; ".join(line.rstrip(".") for line in lines if line and not line.startswith(noise)))
+
+
 def _fail(err: BaseException) -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise err
     print(f"error: {err}", file=sys.stderr)
     sys.exit(1)
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str | None) -> Iterator[None]:
+    """Set (or, for None, remove) an environment variable for the duration of a block."""
+    before = os.environ.get(name)
+    _set_environment(name, value)
+    try:
+        yield
+    finally:
+        _set_environment(name, before)
+
+
+def _set_environment(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def _hydra_entry(task_function: Callable[[Any], Any], config_name: str) -> None:
@@ -97,14 +188,48 @@ def _hydra_entry(task_function: Callable[[Any], Any], config_name: str) -> None:
         _fail(err)
     sys.argv[1:] = quote_free_text(sys.argv[1:])
 
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
     def main(cfg):
-        try:
-            return task_function(cfg)
-        except LmforgeError as err:
-            _fail(err)
+        # The job (and the DDP ranks it starts) sees the user's setting; see below.
+        with _environment("HYDRA_FULL_ERROR", full_error):
+            try:
+                _check_job_overrides(cfg, config_name)
+                return task_function(cfg)
+            except LmforgeError as err:
+                _fail(err)
+            except (HydraException, OmegaConfBaseException) as err:  # an interpolation, a target that fails
+                _fail(LmforgeError(hydra_error_sentence(err)))
 
-    main()
+    # Hydra prints its own errors (a typo'd key, a bad override) over several lines unless this is
+    # set; set, it raises them here, where they become one sentence like ours.
+    with _environment("HYDRA_FULL_ERROR", "1"):
+        try:
+            main()
+            return
+        except (HydraException, OmegaConfBaseException) as err:
+            if full_error == "1":
+                raise
+            error = LmforgeError(hydra_error_sentence(err))
+    _fail(error)
+
+
+def _check_job_overrides(cfg: Any, config_name: str) -> None:
+    """Check the value types of the current Hydra job's ``key=value`` overrides against their defaults."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task)
+    value_keys = set(_value_override_keys(overrides))
+    if not value_keys - set(TEXT_OR_NUMBER_KEYS):
+        return
+    groups = [o for o in overrides if o.partition("=")[0].lstrip("+~").strip() not in value_keys]
+    groups = [o for o in groups if not o.lstrip("+~").startswith("hydra")]
+    check_override_types(cfg, compose(config_name=config_name, overrides=groups), overrides)
 
 
 def train() -> None:

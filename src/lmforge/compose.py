@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from lmforge.callbacks import TokenThroughput
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, sentence
 from lmforge.finetune import FinetuneMethod, Full
 
 log = logging.getLogger(__name__)
@@ -205,11 +205,16 @@ def build_run(
     if cfg.get("compile"):
         backbone.compile()  # in place: parameter names (and checkpoints) stay the same
     callbacks = [*build_callbacks(cfg), *method.callbacks()]
-    trainer = instantiate(
-        cfg.trainer,
-        logger=loggers if loggers is not None else build_loggers(cfg),
-        callbacks=callbacks,
-        deterministic=resolve_deterministic(cfg.trainer.get("deterministic"), cfg.trainer.get("accelerator", "auto")),
-    )
+    try:
+        trainer = instantiate(
+            cfg.trainer,
+            logger=loggers if loggers is not None else build_loggers(cfg),
+            callbacks=callbacks,
+            deterministic=resolve_deterministic(
+                cfg.trainer.get("deterministic"), cfg.trainer.get("accelerator", "auto")
+            ),
+        )
+    except InstantiationException as err:  # a value Lightning refuses (trainer.precision=bogus, no GPU)
+        raise LmforgeError(sentence(f"The trainer cannot be built from trainer.*: {err.__cause__}")) from err
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
     return Run(tokenizer, datamodule, backbone, task, trainer, throughput)

@@ -7,3 +7,9 @@ class LmforgeError(Exception):
     The CLI prints the message alone and exits with status 1; set
     ``HYDRA_FULL_ERROR=1`` to see the traceback instead.
     """
+
+
+def sentence(text: str) -> str:
+    """``text`` ending in a full stop, unless it ends in a stop, question or exclamation mark already."""
+    text = text.strip()
+    return text if text.endswith((".", "!", "?")) else f"{text}."

@@ -37,11 +37,17 @@ def generate_from_run(cfg: DictConfig) -> list[str]:
     if OmegaConf.is_missing(cfg, "run"):
         raise LmforgeError('Say which run to use: lmforge-generate run=<run dir> prompt="ROMEO:"')
     run = load_run(cfg.run, cfg.checkpoint)
-    if run.cfg.task.module._target_.endswith("Seq2SeqTask"):
+    task_class = run.cfg.task.module._target_.rsplit(".", 1)[-1]
+    if task_class == "Seq2SeqTask":
         texts = _generate_seq2seq(run, cfg)
     elif getattr(run.backbone, "kind", None) != "decoder":
         raise LmforgeError(
             f"The model of {run.run_dir} ({run.cfg.model.name}) is not a decoder; it cannot generate text."
+        )
+    elif task_class != "LanguageModelingTask":  # a decoder trained to classify or tag has no trained LM head
+        raise LmforgeError(
+            f"{run.run_dir} is a {run.cfg.task.name} run, not a language model, so it cannot generate text "
+            f"(lmforge-predict labels texts with it)."
         )
     else:
         texts = _continue_prompt(run, cfg)

@@ -251,14 +251,22 @@ class LabeledTexts(TextCorpus):
 
     def _read(self, files: dict[str, str]) -> dict:
         from datasets import load_dataset
+        from datasets.exceptions import DatasetGenerationError
 
         first = next(iter(files.values()))
-        if first.endswith((".json", ".jsonl")):
-            return self._columns(load_dataset("json", data_files=files, keep_in_memory=True))
-        if not first.endswith((".csv", ".tsv", ".txt")):
+        for path in files.values():
+            if Path(path).stat().st_size == 0:
+                raise LmforgeError(f"Data file {path} is empty; give it a header line and one example per line.")
+        if not first.endswith((".json", ".jsonl", ".csv", ".tsv", ".txt")):
             raise LmforgeError(f"Cannot read {first}: labelled data must be .csv, .tsv, .json or .jsonl.")
-        delimiter = self.delimiter or ("\t" if first.endswith(".tsv") else ",")
-        return self._columns(load_dataset("csv", data_files=files, delimiter=delimiter, keep_in_memory=True))
+        try:
+            if first.endswith((".json", ".jsonl")):
+                return self._columns(load_dataset("json", data_files=files, keep_in_memory=True))
+            delimiter = self.delimiter or ("\t" if first.endswith(".tsv") else ",")
+            return self._columns(load_dataset("csv", data_files=files, delimiter=delimiter, keep_in_memory=True))
+        except DatasetGenerationError as err:  # a malformed file; the cause names the line
+            cause = str(err.__cause__ or err).splitlines()[0]
+            raise LmforgeError(f"Cannot read {', '.join(files.values())}: {cause}.") from err
 
     def _from_hub(self) -> dict:
         from datasets import load_dataset
