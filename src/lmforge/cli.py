@@ -360,6 +360,40 @@ def reproduce() -> None:
     _hydra_entry(run, "reproduce")
 
 
+def benchmark() -> None:
+    """Train a benchmark suite and write its report: ``lmforge-benchmark suite=<name>``.
+
+    Each (run, seed) of ``conf/suite/<name>.yaml`` trains in turn; its record goes to
+    ``<out>/results.jsonl`` and the table and plots to ``<out>/report.md``. Run again, it skips
+    what is recorded. Options: seeds=[..], only=[run,..], out=<dir>, threads=<n>, extra=[key=value,..],
+    rerun=true; see conf/benchmark.yaml.
+    """
+
+    def run(cfg):
+        from lmforge.benchmark import run_suite
+
+        run_suite(cfg)
+
+    _hydra_entry(run, "benchmark")
+
+
+def report(argv: list[str] | None = None) -> None:
+    """Re-render benchmark reports from their records: ``lmforge-report <report dir> [...] [--results-md FILE]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lmforge-report", description=report.__doc__)
+    parser.add_argument("folders", nargs="+", help="report folders of lmforge-benchmark (with results.jsonl)")
+    parser.add_argument("--results-md", help="a markdown file whose section of each suite is rewritten")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        from lmforge.report import render
+
+        for path in render(args.folders, args.results_md):
+            print(path)
+    except LmforgeError as err:
+        _fail(err)
+
+
 def sweep(argv: list[str] | None = None) -> None:
     """Write a search space for another sweep tool: ``lmforge-sweep wandb <hparams_search name>``.
 

@@ -1,0 +1,308 @@
+"""``lmforge-benchmark suite=<name>``: train a suite's declared runs over its seeds, one after the other,
+and keep one record per (run, seed) in ``<out>/results.jsonl``; then render the report (report.py).
+
+A suite (``conf/suite/<name>.yaml``) names its runs and the overrides of ``train.py`` each one takes:
+
+    name: sst2-backbones
+    title: SST-2 from scratch, every backbone
+    metric: best_val/acc      # the leading column, and which way is better
+    mode: max
+    curve: val/acc            # the validation curve to plot
+    columns: [test/acc]       # more metrics for the table
+    seeds: [1337, 1]
+    groups:                   # named lists of overrides; "@name" in a run's list expands to one
+      transformer: [task=sst2, scheduler=linear]
+    runs:
+      gru: [experiment=sst2-gru]
+      bert-mini: ["@transformer", model=bert-mini]
+      mlm: {overrides: [task=mlm], report: false}      # a run others start from, not a table row
+      mlm-then-sst2: ["@transformer", "init_from={run:mlm}"]  # the run dir of `mlm` at the same seed
+
+Running the same command again skips every (run, seed) that has a record with the same overrides,
+so a suite that was stopped continues where it was.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lmforge.errors import LmforgeError
+
+log = logging.getLogger("lmforge")
+
+RESULTS_FILE = "results.jsonl"
+SUITE_FILE = "suite.json"
+_RUN_REFERENCE = re.compile(r"\{run:([^}]+)\}")
+
+
+@dataclass
+class SuiteRun:
+    """One declared run of a suite: its name, its ``train.py`` overrides, and whether it is a table row."""
+
+    name: str
+    overrides: list[str]
+    report: bool = True
+
+    @property
+    def needs(self) -> list[str]:
+        """The earlier runs whose run dirs this one's overrides name (``{run:<name>}``)."""
+        return [m for o in self.overrides for m in _RUN_REFERENCE.findall(o)]
+
+
+@dataclass
+class Suite:
+    """A benchmark suite as declared in ``conf/suite/<name>.yaml``."""
+
+    name: str
+    title: str
+    runs: list[SuiteRun]
+    seeds: list[int]
+    metric: str
+    mode: str = "min"
+    curve: str | None = None
+    columns: list[str] = field(default_factory=list)
+    notes: str = ""
+
+    def meta(self) -> dict[str, Any]:
+        """What the report needs besides the records (written to ``suite.json``)."""
+        return {
+            "name": self.name,
+            "title": self.title,
+            "metric": self.metric,
+            "mode": self.mode,
+            "curve": self.curve,
+            "columns": list(self.columns),
+            "notes": self.notes,
+            "runs": [r.name for r in self.runs if r.report],
+        }
+
+
+def load_suite(cfg: DictConfig) -> Suite:
+    """Check and expand a suite config: ``@group`` references, ``{run:<name>}`` references, the mode."""
+    name = str(cfg.get("name") or "")
+    if not name:
+        raise LmforgeError("The suite config has no name: set `name:` in conf/suite/<name>.yaml.")
+    groups = OmegaConf.to_container(cfg.get("groups") or {}, resolve=True)
+    runs: list[SuiteRun] = []
+    for run_name, spec in OmegaConf.to_container(cfg.get("runs") or {}, resolve=True).items():
+        if isinstance(spec, dict):
+            overrides, report = spec.get("overrides") or [], bool(spec.get("report", True))
+        else:
+            overrides, report = spec or [], True
+        expanded = _expand(overrides, groups, f"Suite {name}, run {run_name}")
+        run = SuiteRun(str(run_name), expanded, report)
+        for needed in run.needs:
+            if needed not in {r.name for r in runs}:
+                raise LmforgeError(
+                    f"Suite {name}, run {run_name} starts from run '{needed}', which is not declared before it."
+                )
+        runs.append(run)
+    if not runs:
+        raise LmforgeError(f"Suite {name} declares no runs (`runs:` is empty).")
+    mode = str(cfg.get("mode") or "min")
+    if mode not in ("min", "max"):
+        raise LmforgeError(f"Suite {name}: mode must be min or max, not {mode}.")
+    return Suite(
+        name=name,
+        title=str(cfg.get("title") or name),
+        runs=runs,
+        seeds=[int(s) for s in cfg.get("seeds") or [1337]],
+        metric=str(cfg.metric),
+        mode=mode,
+        curve=cfg.get("curve"),
+        columns=[str(c) for c in cfg.get("columns") or []],
+        notes=str(cfg.get("notes") or "").strip(),
+    )
+
+
+def _expand(overrides: list[Any], groups: dict[str, list[Any]], where: str, seen: tuple[str, ...] = ()) -> list[str]:
+    """Overrides with each ``@group`` replaced by that group's list (groups may name other groups)."""
+    expanded: list[str] = []
+    for item in overrides:
+        item = str(item)
+        if not item.startswith("@"):
+            expanded.append(item)
+            continue
+        group = item[1:]
+        if group not in groups:
+            raise LmforgeError(f"{where}: no group '{group}' under `groups:`.")
+        if group in seen:
+            raise LmforgeError(f"{where}: group '{group}' includes itself.")
+        expanded += _expand(groups[group] or [], groups, where, (*seen, group))
+    return expanded
+
+
+def selected_runs(suite: Suite, only: list[str] | None) -> list[SuiteRun]:
+    """The runs to train: those ``only`` names (shell patterns such as ``gpt2-tiny-*``; all without it)
+    and the runs they start from."""
+    if not only:
+        return suite.runs
+    by_name = {r.name: r for r in suite.runs}
+    pending: list[str] = []
+    for pattern in only:
+        matched = fnmatch.filter(by_name, pattern)
+        if not matched:
+            raise LmforgeError(f"Suite {suite.name} has no run matching {pattern}; its runs are {', '.join(by_name)}.")
+        pending += matched
+    wanted: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name not in wanted:
+            wanted.add(name)
+            pending += by_name[name].needs
+    return [r for r in suite.runs if r.name in wanted]
+
+
+def read_records(out: Path) -> list[dict[str, Any]]:
+    """The records of ``<out>/results.jsonl``, oldest first (a later record of the same run and seed wins)."""
+    path = out / RESULTS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def run_overrides(run: SuiteRun, seed: int, run_dirs: dict[str, str]) -> list[str]:
+    """A run's overrides at one seed, ``{run:<name>}`` replaced by that run's dir."""
+    return [_RUN_REFERENCE.sub(lambda m: run_dirs[m.group(1)], o) for o in run.overrides] + [f"seed={seed}"]
+
+
+def train_command(overrides: list[str]) -> list[str]:
+    """The command that trains one run: this Python, lmforge's train entry point, the overrides."""
+    return [sys.executable, "-m", "lmforge.cli", *overrides]
+
+
+def run_suite(cfg: DictConfig) -> Path:
+    """Train every (run, seed) of ``cfg.suite`` that has no record yet, then write the report.
+
+    Returns:
+        the report folder (``cfg.out``).
+    Raises:
+        LmforgeError: when a run fails (after the other runs have been tried and the report written).
+    """
+    from lmforge.console import setup_console
+    from lmforge.report import write_report
+
+    setup_console()
+    suite = load_suite(cfg.suite)
+    out = Path(cfg.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SUITE_FILE).write_text(json.dumps(suite.meta(), indent=2) + "\n", encoding="utf-8")
+    seeds = [int(s) for s in cfg.seeds] if cfg.get("seeds") else suite.seeds
+    runs = selected_runs(suite, list(cfg.only) if cfg.get("only") else None)
+    extra = [str(o) for o in cfg.get("extra") or []]
+    done = {(r["run"], r["seed"]): r for r in read_records(out)}
+    failed: list[str] = []
+    for seed in seeds:
+        run_dirs: dict[str, str] = {}
+        for run in runs:
+            if any(n not in run_dirs for n in run.needs):
+                log.warning("skipping %s seed %d: a run it starts from failed", run.name, seed)
+                continue
+            overrides = [*run_overrides(run, seed, run_dirs), *extra]
+            previous = done.get((run.name, seed))
+            if previous and previous["overrides"] == overrides and not cfg.rerun:
+                log.info("%s seed %d: recorded already (rerun=true trains it again)", run.name, seed)
+                run_dirs[run.name] = previous["run_dir"]
+                continue
+            record = _train_one(suite, run, seed, overrides, out, cfg)
+            if record is None:
+                failed.append(f"{run.name} (seed {seed})")
+                continue
+            run_dirs[run.name] = record["run_dir"]
+            done[(run.name, seed)] = record
+    report = write_report(out)
+    log.info("report: %s", report)
+    if failed:
+        raise LmforgeError(f"{len(failed)} run(s) failed: {', '.join(failed)}; their logs are in {out / 'logs'}.")
+    return out
+
+
+def _train_one(
+    suite: Suite, run: SuiteRun, seed: int, overrides: list[str], out: Path, cfg: DictConfig
+) -> dict[str, Any] | None:
+    """Train one (run, seed) in a subprocess, timed start to exit; append and return its record (None on failure)."""
+    output_root = out / "train" / f"{run.name}-s{seed}"
+    results_file = output_root / "results.jsonl"
+    results_file.unlink(missing_ok=True)  # a rerun's stages only
+    command = train_command([*overrides, f"paths.output_root={output_root}", f"logger={cfg.logger}"])
+    env = dict(os.environ)
+    if cfg.get("threads"):
+        env.update(OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    log_file = logs / f"{run.name}-s{seed}.log"
+    log.info("%s seed %d: %s", run.name, seed, shlex.join(command[3:]))
+    start = time.perf_counter()
+    with open(log_file, "w", encoding="utf-8") as f:
+        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env)
+    wall = time.perf_counter() - start
+    stages = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.is_file() else []
+    if done.returncode or not stages:
+        tail = log_file.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or ["no output"]
+        log.error("%s seed %d failed (exit %d): %s", run.name, seed, done.returncode, tail[0])
+        return None
+    last = stages[-1]
+    record = {
+        "suite": suite.name,
+        "run": run.name,
+        "seed": seed,
+        "report": run.report,
+        "overrides": overrides,
+        "wall_time_s": round(wall, 1),
+        "stages": len(stages),
+        "steps": last["steps"],
+        "parameters": last["parameters"],
+        "trainable_parameters": last["trainable_parameters"],
+        "tokens_per_s": last.get("tokens_per_s"),
+        "step_ms": last.get("step_ms"),
+        "peak_memory_mb": last.get("peak_memory_mb"),
+        "metrics": last["metrics"],
+        "curves": {key: logged_values(last["run_dir"], key) for key in _curve_keys(suite)},
+        "run_dir": last["run_dir"],
+        "finished_at": datetime.now().isoformat(timespec="seconds"),
+        "threads": cfg.get("threads"),
+        "model": last.get("model"),
+        "task": last.get("task"),
+        "git_sha": last.get("git_sha"),
+        "git_dirty": last.get("git_dirty"),
+        "versions": last.get("versions"),
+        "hardware": last.get("hardware"),
+    }
+    from lmforge.tracking import append_result
+
+    append_result(out / RESULTS_FILE, record)
+    value = record["metrics"].get(suite.metric)
+    log.info("%s seed %d: %s %s in %.0f s", run.name, seed, suite.metric, value, wall)
+    return record
+
+
+def _curve_keys(suite: Suite) -> list[str]:
+    return [suite.curve] if suite.curve else []
+
+
+def logged_values(run_dir: str | Path, key: str) -> list[list[float]]:
+    """``[step, value]`` of every logged value of ``key`` in a run's CSV metrics (resumed parts included)."""
+    import csv
+
+    from lmforge.tracking import csv_history
+
+    points = []
+    for path in csv_history(Path(run_dir) / "csv"):
+        if path.is_file():
+            with open(path, newline="") as f:
+                points += [[int(row["step"]), float(row[key])] for row in csv.DictReader(f) if row.get(key)]
+    return points

@@ -1,0 +1,247 @@
+"""A benchmark suite's report, rendered from its ``results.jsonl`` alone (no training):
+``report.md`` (mean ± std over seeds, wall time, tokens/s, parameters, then every seed),
+``curves.png`` (the validation curve of each run) and ``metric_vs_time.png``.
+
+    lmforge-report outputs/benchmarks/shakespeare
+    lmforge-report benchmarks/suites/* --results-md benchmarks/RESULTS.md   # also rewrite each suite's section there
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from lmforge.benchmark import SUITE_FILE, read_records
+from lmforge.errors import LmforgeError
+
+REPORT_FILE = "report.md"
+CURVES_PNG = "curves.png"
+TIME_PNG = "metric_vs_time.png"
+
+
+def read_suite(out: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A report folder's suite description and its latest record per (run, seed), in declared run order."""
+    out = Path(out)
+    if not (out / SUITE_FILE).is_file():
+        raise LmforgeError(f"{out} is not a benchmark report folder (no {SUITE_FILE}; lmforge-benchmark writes one).")
+    meta = json.loads((out / SUITE_FILE).read_text(encoding="utf-8"))
+    latest = {(r["run"], r["seed"]): r for r in read_records(out) if r.get("report", True)}
+    order = {name: i for i, name in enumerate(meta["runs"])}
+    records = sorted(latest.values(), key=lambda r: (order.get(r["run"], len(order)), r["seed"]))
+    return meta, records
+
+
+def by_run(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Records grouped by run name, keeping their order."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[r["run"]].append(r)
+    return dict(groups)
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """The mean and the sample standard deviation (None for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def number(value: float | None) -> str:
+    """A metric for a table: 4 decimals below 10 (losses, accuracies), 2 above (BLEU, F1 in percent)."""
+    if value is None:
+        return ""
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+
+
+def _mean_cell(values: list[float], fmt=number) -> str:
+    if not values:
+        return ""
+    mean, std = mean_std(values)
+    return fmt(mean) if std is None else f"{fmt(mean)} ± {fmt(std)}"
+
+
+def _minutes(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def _count(n: float | None) -> str:
+    return "" if n is None else f"{n:,.0f}"
+
+
+def summary_table(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    """The markdown table of a suite: one row per run, metrics as mean ± std over its seeds."""
+    metrics = [meta["metric"], *[c for c in meta["columns"] if c != meta["metric"]]]
+    better = "higher" if meta["mode"] == "max" else "lower"
+    header = ["run", "seeds", f"{metrics[0]} ({better} is better)", *metrics[1:], "steps", "wall time (min)",
+              "tokens/s", "parameters", "trainable"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, runs in by_run(records).items():
+        cells = [name, str(len(runs))]
+        cells += [_mean_cell([r["metrics"][m] for r in runs if m in r["metrics"]]) for m in metrics]
+        tokens = [r["tokens_per_s"] for r in runs if r.get("tokens_per_s")]
+        cells += [
+            _count(statistics.fmean(r["steps"] for r in runs)),
+            _mean_cell([r["wall_time_s"] / 60 for r in runs], _minutes),
+            _count(statistics.fmean(tokens)) if tokens else "",
+            _count(runs[0]["parameters"]),
+            _count(runs[0]["trainable_parameters"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seeds_table(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    """Every (run, seed) record: its metrics, steps, wall time and tokens/s."""
+    metrics = [meta["metric"], *[c for c in meta["columns"] if c != meta["metric"]]]
+    header = ["run", "seed", *metrics, "steps", "wall time (min)", "tokens/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in records:
+        cells = [r["run"], str(r["seed"]), *(number(r["metrics"].get(m)) for m in metrics)]
+        cells += [_count(r["steps"]), _minutes(r["wall_time_s"] / 60), _count(r.get("tokens_per_s"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine_line(records: list[dict[str, Any]]) -> str:
+    """Where the records were measured: CPU or GPUs, threads, torch and Lightning versions, dates."""
+    if not records:
+        return ""
+    hw = records[-1].get("hardware") or {}
+    versions = records[-1].get("versions") or {}
+    where = ", ".join(hw.get("gpus") or []) or f"{hw.get('cpu', '?')} ({hw.get('cpu_count', '?')} cores)"
+    threads = {r.get("threads") for r in records} - {None}
+    dates = sorted(r["finished_at"][:10] for r in records)
+    parts = [
+        where,
+        f"{', '.join(map(str, sorted(threads)))} thread(s) per run" if threads else None,
+        f"torch {versions.get('torch')}" if versions.get("torch") else None,
+        f"pytorch-lightning {versions.get('pytorch-lightning')}" if versions.get("pytorch-lightning") else None,
+        f"git {records[-1]['git_sha'][:7]}" if records[-1].get("git_sha") else None,
+        dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}",
+    ]
+    return "measured on " + "; ".join(p for p in parts if p) + "."
+
+
+def plot_curves(meta: dict[str, Any], records: list[dict[str, Any]], png: Path) -> Path | None:
+    """The suite's validation curve against step: one line per run (the mean of its seeds where steps match)."""
+    key = meta.get("curve")
+    runs = {n: rs for n, rs in by_run(records).items() if any(r["curves"].get(key) for r in rs)} if key else {}
+    if not runs:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, rs in runs.items():
+        per_step: dict[int, list[float]] = defaultdict(list)
+        for r in rs:
+            for step, value in r["curves"].get(key, []):
+                per_step[int(step)].append(value)
+        steps = sorted(per_step)
+        ax.plot(steps, [statistics.fmean(per_step[s]) for s in steps], marker="o", markersize=3, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.set_title(meta["title"], fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def plot_metric_vs_time(meta: dict[str, Any], records: list[dict[str, Any]], png: Path) -> Path | None:
+    """Each run's metric against its wall time: the mean over seeds, with one standard deviation as bars."""
+    metric = meta["metric"]
+    points = {n: [r for r in rs if metric in r["metrics"]] for n, rs in by_run(records).items()}
+    points = {n: rs for n, rs in points.items() if rs}
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, rs in points.items():
+        minutes, m_std = mean_std([r["wall_time_s"] / 60 for r in rs])
+        value, v_std = mean_std([r["metrics"][metric] for r in rs])
+        ax.errorbar(minutes, value, xerr=m_std or 0, yerr=v_std or 0, fmt="o", capsize=3, label=name)
+    ax.set_xlabel("wall time (min)")
+    ax.set_ylabel(metric)
+    ax.set_title(meta["title"], fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def section(out: str | Path, relative_to: Path | None = None, heading: str = "##") -> str:
+    """The markdown of a suite's report: title, notes, command, machine, tables, plots.
+
+    Args:
+        relative_to: the folder of the markdown file the section goes into (image links are relative to it).
+    """
+    out = Path(out)
+    meta, records = read_suite(out)
+    base = relative_to or out
+    parts = [f"{heading} {meta['title']}", ""]
+    if meta.get("notes"):
+        parts += [meta["notes"], ""]
+    parts += [f"`lmforge-benchmark suite={meta['name']}` (runs declared in `conf/suite/{meta['name']}.yaml`), "
+              f"{machine_line(records)}", ""]  # fmt: skip
+    if not records:
+        return "\n".join([*parts, "No run of this suite has finished yet.", ""])
+    parts += [summary_table(meta, records), ""]
+    for png, what in ((CURVES_PNG, "validation curves"), (TIME_PNG, "metric against wall time")):
+        if (out / png).is_file():
+            parts.append(f"![{meta['name']}: {what}]({Path(os.path.relpath(out / png, base)).as_posix()})")
+    parts += ["", "<details><summary>Every seed</summary>", "", seeds_table(meta, records), "", "</details>", ""]
+    return "\n".join(parts)
+
+
+def write_report(out: str | Path) -> Path:
+    """Render ``report.md`` and the plots of a report folder from its records; return the report's path."""
+    out = Path(out)
+    meta, records = read_suite(out)
+    for png, plot in ((CURVES_PNG, plot_curves), (TIME_PNG, plot_metric_vs_time)):
+        if plot(meta, records, out / png) is None:
+            (out / png).unlink(missing_ok=True)
+    report = out / REPORT_FILE
+    report.write_text(section(out, heading="#"), encoding="utf-8")
+    return report
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- suite:{name} (lmforge-report writes this section) -->", f"<!-- /suite:{name} -->"
+
+
+def update_markdown(markdown: str | Path, out: str | Path) -> None:
+    """Replace the suite's section in a markdown file (between its markers), or append it at the end."""
+    markdown, out = Path(markdown), Path(out)
+    name = read_suite(out)[0]["name"]
+    start, end = _markers(name)
+    block = f"{start}\n{section(out, relative_to=markdown.parent).rstrip()}\n{end}"
+    text = markdown.read_text(encoding="utf-8") if markdown.is_file() else ""
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + ("\n\n" if text.strip() else "") + block + "\n"
+    markdown.write_text(text, encoding="utf-8")
+
+
+def render(folders: list[str], results_md: str | None = None) -> list[Path]:
+    """``lmforge-report``: re-render each folder's report; with ``results_md``, update its sections there too."""
+    reports = [write_report(folder) for folder in folders]
+    if results_md:
+        for folder in folders:
+            update_markdown(results_md, folder)
+    return reports
