@@ -96,9 +96,9 @@ def load_suite(cfg: DictConfig) -> Suite:
     name = str(cfg.get("name") or "")
     if not name:
         raise LmforgeError("The suite config has no name: set `name:` in conf/suite/<name>.yaml.")
-    groups = OmegaConf.to_container(cfg.get("groups") or {}, resolve=True)
+    groups = _plain(cfg.get("groups"))
     runs: list[SuiteRun] = []
-    for run_name, spec in OmegaConf.to_container(cfg.get("runs") or {}, resolve=True).items():
+    for run_name, spec in _plain(cfg.get("runs")).items():
         if isinstance(spec, dict):
             overrides, report = spec.get("overrides") or [], bool(spec.get("report", True))
         else:
@@ -127,6 +127,11 @@ def load_suite(cfg: DictConfig) -> Suite:
         columns=[str(c) for c in cfg.get("columns") or []],
         notes=str(cfg.get("notes") or "").strip(),
     )
+
+
+def _plain(node: Any) -> dict[str, Any]:
+    """A config mapping as plain Python (empty when missing)."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})
 
 
 def _expand(overrides: list[Any], groups: dict[str, list[Any]], where: str, seen: tuple[str, ...] = ()) -> list[str]:

@@ -79,6 +79,28 @@ def quote_free_text(args: list[str], keys: tuple[str, ...] = FREE_TEXT_KEYS) -> 
     return out
 
 
+def quote_override_lists(args: list[str], keys: tuple[str, ...] = ("extra",)) -> list[str]:
+    """Quote the items of list options that hold overrides (``extra=[trainer.max_steps=20,model.n_head=2]``),
+    whose ``=`` Hydra's grammar does not allow unquoted inside a list."""
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key in keys and value.startswith("[") and value.endswith("]"):
+            items, depth, current = [], 0, ""
+            for char in value[1:-1]:
+                depth += {"[": 1, "]": -1}.get(char, 0)
+                if char == "," and depth == 0:
+                    items.append(current)
+                    current = ""
+                else:
+                    current += char
+            items = [i for i in (*items, current) if i]
+            quoted = [i if i[:1] in "'\"" else "'" + i.replace("'", "\\'") + "'" for i in items]
+            arg = f"{key}=[{','.join(quoted)}]"
+        out.append(arg)
+    return out
+
+
 def check_override_types(cfg: Any, defaults: Any, overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
     """Fail with one sentence when an override gives text to a key whose default is a number or a
     flag (``trainer.max_steps=abc``), before the value reaches a constructor deep inside a library.
@@ -374,6 +396,7 @@ def benchmark() -> None:
 
         run_suite(cfg)
 
+    sys.argv[1:] = quote_override_lists(sys.argv[1:])
     _hydra_entry(run, "benchmark")
 
 

@@ -1,0 +1,187 @@
+"""Benchmark suites: declared runs expand and compose, records render into tables and plots, a suite resumes."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import REPO, requires_data
+from lmforge.benchmark import SUITE_FILE, Suite, SuiteRun, load_suite, read_records, run_overrides, selected_runs
+from lmforge.cli import CONF_DIR, check_group_choices, quote_override_lists
+from lmforge.errors import LmforgeError
+from lmforge.report import read_suite, summary_table, update_markdown, write_report
+
+SUITES = sorted(p.stem for p in (CONF_DIR / "suite").glob("*.yaml"))
+
+
+def suite_cfg(**fields):
+    base = {"name": "s", "metric": "best_val/loss", "runs": {"a": ["model=gpt2-tiny"]}}
+    return OmegaConf.create({**base, **fields})
+
+
+def test_groups_expand_in_place_and_may_nest():
+    suite = load_suite(
+        suite_cfg(
+            groups={"base": ["task=sst2", "@lr"], "lr": ["optimizer.lr=1e-3"]},
+            runs={"a": ["model=bert-mini", "@base", "trainer.max_steps=5"]},
+        )
+    )
+    assert suite.runs[0].overrides == ["model=bert-mini", "task=sst2", "optimizer.lr=1e-3", "trainer.max_steps=5"]
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"runs": {"a": ["@nope"]}}, "no group 'nope'"),
+        ({"groups": {"g": ["@g"]}, "runs": {"a": ["@g"]}}, "includes itself"),
+        ({"runs": {"a": ["init_from={run:b}"], "b": ["model=gpt2-tiny"]}}, "not declared before it"),
+        ({"runs": {}}, "declares no runs"),
+        ({"mode": "up"}, "mode must be min or max"),
+    ],
+)
+def test_bad_suites_are_one_sentence(fields, message):
+    with pytest.raises(LmforgeError, match=message):
+        load_suite(suite_cfg(**fields))
+
+
+def test_only_takes_patterns_and_brings_the_runs_they_start_from():
+    runs = [
+        SuiteRun("bert-mlm", ["task=mlm"], report=False),
+        SuiteRun("bert-lora", ["init_from={run:bert-mlm}"]),
+        SuiteRun("gpt-lm", ["task=tinyshakespeare"], report=False),
+        SuiteRun("gpt-lora", ["init_from={run:gpt-lm}"]),
+    ]
+    suite = Suite("peft", "PEFT", runs, [1], "best_val/acc", "max")
+    assert [r.name for r in selected_runs(suite, ["gpt-*"])] == ["gpt-lm", "gpt-lora"]
+    assert [r.name for r in selected_runs(suite, ["bert-lora"])] == ["bert-mlm", "bert-lora"]
+    assert selected_runs(suite, None) == runs
+    with pytest.raises(LmforgeError, match="no run matching t5-"):
+        selected_runs(suite, ["t5-*"])
+    assert run_overrides(runs[1], 7, {"bert-mlm": "/runs/mlm"}) == ["init_from=/runs/mlm", "seed=7"]
+
+
+@pytest.mark.parametrize("name", SUITES)
+def test_every_shipped_suite_composes_into_train_configs(name):
+    """A typo in a suite's overrides (a group choice, a key) fails here, not an hour into the suite."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        suite = load_suite(compose(config_name="benchmark", overrides=[f"suite={name}"]).suite)
+        assert suite.name == name
+        for run in suite.runs:
+            overrides = run_overrides(run, 1, {n: "/tmp/run" for n in run.needs})
+            check_group_choices(overrides)
+            cfg = compose(config_name="train", overrides=overrides)
+            assert cfg.seed == 1
+            metric = suite.metric.removeprefix("best_")
+            assert metric.split("/")[0] in ("val", "test"), metric
+
+
+def record(run, seed, value, wall, steps=10, tokens=100.0):
+    return {
+        "suite": "s", "run": run, "seed": seed, "report": True, "overrides": [f"seed={seed}"], "wall_time_s": wall,
+        "stages": 1, "steps": steps, "parameters": 1000, "trainable_parameters": 10, "tokens_per_s": tokens,
+        "metrics": {"best_val/acc": value, "test/acc": value - 0.01},
+        "curves": {"val/acc": [[5, value - 0.1], [10, value]]}, "run_dir": f"/runs/{run}-{seed}",
+        "finished_at": "2026-12-01T10:00:00", "hardware": {"cpu": "test CPU", "cpu_count": 2}, "versions": {},
+    }  # fmt: skip
+
+
+@pytest.fixture
+def report_dir(tmp_path):
+    meta = {"name": "s", "title": "A suite", "metric": "best_val/acc", "mode": "max", "curve": "val/acc",
+            "columns": ["test/acc"], "notes": "Some notes.", "runs": ["gru", "lstm"]}  # fmt: skip
+    (tmp_path / SUITE_FILE).write_text(json.dumps(meta))
+    records = [record("lstm", 1, 0.80, 60), record("gru", 1, 0.84, 120), record("gru", 2, 0.86, 180),
+               record("gru", 2, 0.85, 150)]  # fmt: skip
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return tmp_path
+
+
+def test_the_table_gives_mean_and_std_over_seeds_in_declared_order(report_dir):
+    meta, records = read_suite(report_dir)
+    assert [(r["run"], r["seed"]) for r in records] == [("gru", 1), ("gru", 2), ("lstm", 1)]  # latest record wins
+    lines = summary_table(meta, records).splitlines()
+    assert lines[0].startswith("| run | seeds | best_val/acc (higher is better) | test/acc | steps |")
+    gru = [c.strip() for c in lines[2].strip("|").split("|")]
+    std = statistics.stdev([0.84, 0.85])
+    assert gru[:4] == ["gru", "2", f"0.8450 ± {std:.4f}", f"0.8350 ± {std:.4f}"]
+    assert gru[5] == f"{statistics.fmean([2.0, 2.5]):.1f} ± {statistics.stdev([2.0, 2.5]):.1f}"  # minutes
+    assert [c.strip() for c in lines[3].strip("|").split("|")][:4] == ["lstm", "1", "0.8000", "0.7900"]
+
+
+def test_report_files_and_a_results_section_that_is_rewritten_in_place(report_dir, tmp_path):
+    report = write_report(report_dir)
+    text = report.read_text()
+    assert "# A suite" in text and "Some notes." in text and "test CPU (2 cores)" in text
+    for png in ("curves.png", "metric_vs_time.png"):
+        assert (report_dir / png).read_bytes()[:4] == b"\x89PNG"
+    md = tmp_path / "docs" / "RESULTS.md"
+    md.parent.mkdir()
+    md.write_text("# Results\n\nHand-written intro.\n")
+    update_markdown(md, report_dir)
+    first = md.read_text()
+    assert first.startswith("# Results\n\nHand-written intro.\n\n<!-- suite:s")
+    assert "![s: validation curves](../curves.png)" in first  # relative to the markdown file
+    md.write_text(first + "\nA closing paragraph.\n")
+    with open(report_dir / "results.jsonl", "a") as f:
+        f.write(json.dumps(record("lstm", 2, 0.82, 60)) + "\n")
+    update_markdown(md, report_dir)
+    second = md.read_text()
+    assert second.count("<!-- suite:s") == 1 and second.endswith("A closing paragraph.\n")
+    assert "| lstm | 2 | 0.8100 ± 0.0141 |" in second
+
+
+def test_report_refuses_a_folder_without_a_suite(tmp_path):
+    with pytest.raises(LmforgeError, match="not a benchmark report folder"):
+        write_report(tmp_path)
+
+
+def run_module(function: str, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    code = f"import sys; from lmforge.cli import {function}; sys.argv[0] = 'lmforge-{function}'; {function}()"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+@pytest.mark.slow
+@requires_data
+def test_smoke_suite_end_to_end_resumes_and_reports(tmp_path):
+    out = tmp_path / "smoke"
+    done = run_module("benchmark", ["suite=smoke", f"out={out}", "seeds=[1]"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = read_records(out)
+    assert [(r["run"], r["seed"]) for r in records] == [("char-gpt", 1), ("char-gpt-continued", 1)]
+    first, second = records
+    assert f"init_from={first['run_dir']}" in second["overrides"]  # the second run started from the first
+    assert first["steps"] == 8 and first["wall_time_s"] > 0 and first["parameters"] > 0
+    assert [step for step, _ in first["curves"]["val/loss"]] == [3, 7]
+    assert first["metrics"]["best_val/loss"] == pytest.approx(min(v for _, v in first["curves"]["val/loss"]), abs=1e-6)
+    report = (out / "report.md").read_text()
+    assert "| char-gpt | 1 |" in report and "| char-gpt-continued | 1 |" in report
+
+    again = run_module("benchmark", ["suite=smoke", f"out={out}", "seeds=[1]"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(read_records(out)) == 2 and (again.stdout + again.stderr).count("recorded already") == 2
+    (out / "report.md").unlink()
+    rendered = run_module("report", [str(out)])
+    assert rendered.returncode == 0 and (out / "report.md").read_text() == report
+
+    failed = run_module("benchmark", ["suite=smoke", f"out={tmp_path / 'bad'}", "seeds=[1]", "extra=[model.n_head=3]"])
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines()[-1].startswith("error: 1 run(s) failed: char-gpt (seed 1)")
+    assert "skipping char-gpt-continued seed 1" in failed.stdout + failed.stderr
+
+
+def test_extra_overrides_reach_hydra_as_quoted_list_items():
+    assert quote_override_lists(["extra=[trainer.max_steps=20,optimizer.betas=[0.9,0.98]]", "seeds=[1,2]"]) == [
+        "extra=['trainer.max_steps=20','optimizer.betas=[0.9,0.98]']",
+        "seeds=[1,2]",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        args = quote_override_lists(["suite=smoke", "extra=[trainer.max_steps=20,optimizer.betas=[0.9,0.98]]"])
+        cfg = compose(config_name="benchmark", overrides=args)
+    assert list(cfg.extra) == ["trainer.max_steps=20", "optimizer.betas=[0.9,0.98]"]
