@@ -165,3 +165,12 @@ def test_wandb_server_that_never_answers_falls_back_to_offline(tmp_path):
     assert (gave_up - started).total_seconds() <= 15, offline.name
     for path in run_dir.rglob("*"):
         assert not path.is_file() or key.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+def test_a_nan_loss_under_ddp_stops_every_rank_with_one_sentence(tmp_path):
+    """Both ranks stop at the same step (neither waits forever on the other) and one sentence is printed."""
+    result = run_entry(["train", *TINY, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                        "optimizer.lr=1e30", "trainer.max_steps=6", f"paths.output_root={tmp_path}"])  # fmt: skip
+    assert_one_sentence(result, r"^The training loss became (nan|inf|-inf) at step \d+, so the run stopped")
+    assert not list(tmp_path.glob("runs/*/*/metrics.json"))

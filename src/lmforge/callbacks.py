@@ -88,7 +88,8 @@ class StopOnNonFiniteLoss(pl.Callback):
         lower = f"lower optimizer.lr (now {lr:g})" if lr is not None else "lower optimizer.lr"
         raise LmforgeError(
             f"The training loss became {float(loss)} at step {trainer.global_step}, so the run stopped "
-            f"({kept}); {lower} or use trainer.gradient_clip_val and start again."
+            f"({kept}); {lower} or use trainer.gradient_clip_val and start again.",
+            every_rank=True,
         )
 
 

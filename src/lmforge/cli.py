@@ -175,7 +175,10 @@ def hydra_error_sentence(err: BaseException) -> str:
 def _fail(err: BaseException) -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise err
-    print(f"error: {err}", file=sys.stderr)
+    from lmforge.distributed import is_rank_zero
+
+    if is_rank_zero() or not getattr(err, "every_rank", False):
+        print(f"error: {err}", file=sys.stderr)
     sys.exit(1)
 
 

@@ -6,7 +6,15 @@ class LmforgeError(Exception):
 
     The CLI prints the message alone and exits with status 1; set
     ``HYDRA_FULL_ERROR=1`` to see the traceback instead.
+
+    Args:
+        every_rank: every DDP rank raises this same error (they took the decision together), so
+            only rank 0 prints it.
     """
+
+    def __init__(self, message: str, every_rank: bool = False) -> None:
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 def sentence(text: str) -> str:
