@@ -290,8 +290,10 @@ def _train_one(
     from lmforge.tracking import append_result
 
     append_result(out / RESULTS_FILE, record)
-    value = record["metrics"].get(suite.metric)
-    log.info("%s seed %d: %s %s in %.0f s", run.name, seed, suite.metric, value, wall)
+    if run.report:
+        log.info("%s seed %d: %s %s in %.0f s", run.name, seed, suite.metric, record["metrics"].get(suite.metric), wall)
+    else:
+        log.info("%s seed %d: done in %.0f s", run.name, seed, wall)
     return record
 
 
