@@ -185,3 +185,12 @@ def test_extra_overrides_reach_hydra_as_quoted_list_items():
         args = quote_override_lists(["suite=smoke", "extra=[trainer.max_steps=20,optimizer.betas=[0.9,0.98]]"])
         cfg = compose(config_name="benchmark", overrides=args)
     assert list(cfg.extra) == ["trainer.max_steps=20", "optimizer.betas=[0.9,0.98]"]
+
+
+def test_a_bad_seed_list_is_one_sentence():
+    from lmforge.benchmark import _as_list
+
+    assert _as_list(3, int, "seeds", "integers") == [3] and _as_list(None, int, "seeds", "integers") == []
+    assert _as_list(OmegaConf.create(["a-*", "b"]), str, "only", "run names") == ["a-*", "b"]
+    with pytest.raises(LmforgeError, match=r"seeds must be a list of integers, as in seeds=\[1,2\], not abc"):
+        _as_list("abc", int, "seeds", "integers")

@@ -206,8 +206,8 @@ def run_suite(cfg: DictConfig) -> Path:
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     (out / SUITE_FILE).write_text(json.dumps(suite.meta(), indent=2) + "\n", encoding="utf-8")
-    seeds = [int(s) for s in cfg.seeds] if cfg.get("seeds") else suite.seeds
-    runs = selected_runs(suite, list(cfg.only) if cfg.get("only") else None)
+    seeds = _as_list(cfg.get("seeds"), int, "seeds", "integers") or suite.seeds
+    runs = selected_runs(suite, _as_list(cfg.get("only"), str, "only", "run names"))
     extra = [str(o) for o in cfg.get("extra") or []]
     done = {(r["run"], r["seed"]): r for r in read_records(out)}
     failed: list[str] = []
@@ -234,6 +234,17 @@ def run_suite(cfg: DictConfig) -> Path:
     if failed:
         raise LmforgeError(f"{len(failed)} run(s) failed: {', '.join(failed)}; their logs are in {out / 'logs'}.")
     return out
+
+
+def _as_list(value: Any, kind: type, key: str, what: str) -> list[Any]:
+    """A command-line option given as one value (``seeds=3``) or a list (``seeds=[1,2]``), as a list of ``kind``."""
+    if value is None:
+        return []
+    values = list(value) if OmegaConf.is_list(value) or isinstance(value, list) else [value]
+    try:
+        return [kind(v) for v in values]
+    except (TypeError, ValueError):
+        raise LmforgeError(f"{key} must be a list of {what}, as in {key}=[1,2], not {value}.") from None
 
 
 def _train_one(
