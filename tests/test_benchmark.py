@@ -114,6 +114,16 @@ def test_the_table_gives_mean_and_std_over_seeds_in_declared_order(report_dir):
     assert [c.strip() for c in lines[3].strip("|").split("|")][:4] == ["lstm", "1", "0.8000", "0.7900"]
 
 
+def test_record_fields_are_columns_too(report_dir):
+    meta, records = read_suite(report_dir)
+    meta["columns"] = ["trainable_share", "step_ms"]
+    for r in records:
+        r["step_ms"] = 1500.0 if r["run"] == "lstm" else 20.0
+    lines = summary_table(meta, records).splitlines()
+    assert "| trainable % | ms/step |" in lines[0]
+    assert lines[3].startswith("| lstm | 1 | 0.8000 | 1.0000 | 1,500 |")  # 10 of 1,000 parameters train
+
+
 def test_report_files_and_a_results_section_that_is_rewritten_in_place(report_dir, tmp_path):
     report = write_report(report_dir)
     text = report.read_text()

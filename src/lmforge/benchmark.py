@@ -8,7 +8,7 @@ A suite (``conf/suite/<name>.yaml``) names its runs and the overrides of ``train
     metric: best_val/acc      # the leading column, and which way is better
     mode: max
     curve: val/acc            # the validation curve to plot
-    columns: [test/acc]       # more metrics for the table
+    columns: [test/acc]       # more metrics for the table (or trainable_share, step_ms, peak_memory_mb)
     seeds: [1337, 1]
     groups:                   # named lists of overrides; "@name" in a run's list expands to one
       transformer: [task=sst2, scheduler=linear]

@@ -35,6 +35,24 @@ def read_suite(out: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return meta, records
 
 
+# Columns a suite may name besides metrics: fields of the records, and what is derived from them.
+RECORD_COLUMNS = {"trainable_share": "trainable %", "step_ms": "ms/step", "peak_memory_mb": "peak MB"}
+
+
+def value(record: dict[str, Any], key: str) -> float | None:
+    """A record's value for a table column: a metric, ``trainable_share`` (percent) or a record field."""
+    if key in record["metrics"]:
+        return record["metrics"][key]
+    if key == "trainable_share":
+        return 100 * record["trainable_parameters"] / record["parameters"] if record.get("parameters") else None
+    return record.get(key)
+
+
+def _columns(meta: dict[str, Any]) -> list[str]:
+    """The suite's metric first, then its other columns."""
+    return [meta["metric"], *[c for c in meta["columns"] if c != meta["metric"]]]
+
+
 def by_run(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Records grouped by run name, keeping their order."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -49,9 +67,11 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 
 def number(value: float | None) -> str:
-    """A metric for a table: 4 decimals below 10 (losses, accuracies), 2 above (BLEU, F1 in percent)."""
+    """A value for a table: 4 decimals below 10 (losses, accuracies), 2 up to 1,000 (BLEU, F1 in percent), then none."""
     if value is None:
         return ""
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
     return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
 
 
@@ -72,14 +92,14 @@ def _count(n: float | None) -> str:
 
 def summary_table(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
     """The markdown table of a suite: one row per run, metrics as mean ± std over its seeds."""
-    metrics = [meta["metric"], *[c for c in meta["columns"] if c != meta["metric"]]]
+    columns = _columns(meta)
     better = "higher" if meta["mode"] == "max" else "lower"
-    header = ["run", "seeds", f"{metrics[0]} ({better} is better)", *metrics[1:], "steps", "wall time (min)",
-              "tokens/s", "parameters", "trainable"]  # fmt: skip
+    header = ["run", "seeds", f"{columns[0]} ({better} is better)", *(RECORD_COLUMNS.get(c, c) for c in columns[1:]),
+              "steps", "wall time (min)", "tokens/s", "parameters", "trainable"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, runs in by_run(records).items():
         cells = [name, str(len(runs))]
-        cells += [_mean_cell([r["metrics"][m] for r in runs if m in r["metrics"]]) for m in metrics]
+        cells += [_mean_cell([v for r in runs if (v := value(r, c)) is not None]) for c in columns]
         tokens = [r["tokens_per_s"] for r in runs if r.get("tokens_per_s")]
         cells += [
             _count(statistics.fmean(r["steps"] for r in runs)),
@@ -94,11 +114,11 @@ def summary_table(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
 
 def seeds_table(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
     """Every (run, seed) record: its metrics, steps, wall time and tokens/s."""
-    metrics = [meta["metric"], *[c for c in meta["columns"] if c != meta["metric"]]]
-    header = ["run", "seed", *metrics, "steps", "wall time (min)", "tokens/s"]
+    columns = _columns(meta)
+    header = ["run", "seed", *(RECORD_COLUMNS.get(c, c) for c in columns), "steps", "wall time (min)", "tokens/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
-        cells = [r["run"], str(r["seed"]), *(number(r["metrics"].get(m)) for m in metrics)]
+        cells = [r["run"], str(r["seed"]), *(number(value(r, c)) for c in columns)]
         cells += [_count(r["steps"]), _minutes(r["wall_time_s"] / 60), _count(r.get("tokens_per_s"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
