@@ -150,24 +150,15 @@ def plot_curves(meta: dict[str, Any], records: list[dict[str, Any]], png: Path) 
     runs = {n: rs for n, rs in by_run(records).items() if any(r["curves"].get(key) for r in rs)} if key else {}
     if not runs:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    plt, fig, ax = _figure()
     for name, rs in runs.items():
         per_step: dict[int, list[float]] = defaultdict(list)
         for r in rs:
-            for step, value in r["curves"].get(key, []):
-                per_step[int(step)].append(value)
+            for step, point in r["curves"].get(key, []):
+                per_step[int(step)].append(point)
         steps = sorted(per_step)
         ax.plot(steps, [statistics.fmean(per_step[s]) for s in steps], marker="o", markersize=3, label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel(key)
-    ax.set_title(meta["title"], fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    return _save(plt, fig, ax, meta["title"], "step", key, png)
 
 
 def plot_metric_vs_time(meta: dict[str, Any], records: list[dict[str, Any]], png: Path) -> Path | None:
@@ -177,30 +168,35 @@ def plot_metric_vs_time(meta: dict[str, Any], records: list[dict[str, Any]], png
     points = {n: rs for n, rs in points.items() if rs}
     if not points:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    plt, fig, ax = _figure()
     for name, rs in points.items():
-        minutes, m_std = mean_std([r["wall_time_s"] / 60 for r in rs])
-        value, v_std = mean_std([r["metrics"][metric] for r in rs])
-        ax.errorbar(minutes, value, xerr=m_std or 0, yerr=v_std or 0, fmt="o", capsize=3, label=name)
-    ax.set_xlabel("wall time (min)")
-    ax.set_ylabel(metric)
-    ax.set_title(meta["title"], fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+        minutes, minutes_std = mean_std([r["wall_time_s"] / 60 for r in rs])
+        score, score_std = mean_std([r["metrics"][metric] for r in rs])
+        ax.errorbar(minutes, score, xerr=minutes_std or 0, yerr=score_std or 0, fmt="o", capsize=3, label=name)
+    return _save(plt, fig, ax, meta["title"], "wall time (min)", metric, png)
 
 
-def _pyplot():
+def _figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    return plt, fig, ax
+
+
+def _save(plt, fig, ax, title: str, xlabel: str, ylabel: str, png: Path) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title.replace("`", ""), fontsize=10)
+    ax.grid(alpha=0.3)
+    # Beside the plot, where many runs (the PEFT suite has 18) do not hide the lines.
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
 
 
 def section(out: str | Path, relative_to: Path | None = None, heading: str = "##") -> str:
