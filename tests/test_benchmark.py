@@ -120,7 +120,7 @@ def test_record_fields_are_columns_too(report_dir):
     for r in records:
         r["step_ms"] = 1500.0 if r["run"] == "lstm" else 20.0
     lines = summary_table(meta, records).splitlines()
-    assert "| trainable % | ms/step |" in lines[0]
+    assert "| trainable (% of backbone) | ms/step |" in lines[0]
     assert lines[3].startswith("| lstm | 1 | 0.8000 | 1.0000 | 1,500 |")  # 10 of 1,000 parameters train
 
 

@@ -36,7 +36,7 @@ def read_suite(out: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 # Columns a suite may name besides metrics: fields of the records, and what is derived from them.
-RECORD_COLUMNS = {"trainable_share": "trainable %", "step_ms": "ms/step", "peak_memory_mb": "peak MB"}
+RECORD_COLUMNS = {"trainable_share": "trainable (% of backbone)", "step_ms": "ms/step", "peak_memory_mb": "peak MB"}
 
 
 def value(record: dict[str, Any], key: str) -> float | None:
