@@ -7,7 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# Under pytest-xdist each worker gets its share of the cores, for itself and the runs it starts:
+# OpenMP threads that outnumber the cores spin against each other and slow every test down.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_threads)
+
+import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
