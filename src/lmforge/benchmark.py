@@ -41,6 +41,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lmforge.errors import LmforgeError
+from lmforge.tracking import append_result, csv_history, logged_values
 
 log = logging.getLogger("lmforge")
 
@@ -287,7 +288,7 @@ def _train_one(
         "step_ms": last.get("step_ms"),
         "peak_memory_mb": last.get("peak_memory_mb"),
         "metrics": last["metrics"],
-        "curves": {key: logged_values(last["run_dir"], key) for key in _curve_keys(suite)},
+        "curves": logged_values(csv_history(Path(last["run_dir"]) / "csv"), [suite.curve] if suite.curve else []),
         "run_dir": last["run_dir"],
         "finished_at": datetime.now().isoformat(timespec="seconds"),
         "threads": cfg.get("threads"),
@@ -298,29 +299,9 @@ def _train_one(
         "versions": last.get("versions"),
         "hardware": last.get("hardware"),
     }
-    from lmforge.tracking import append_result
-
     append_result(out / RESULTS_FILE, record)
     if run.report:
         log.info("%s seed %d: %s %s in %.0f s", run.name, seed, suite.metric, record["metrics"].get(suite.metric), wall)
     else:
         log.info("%s seed %d: done in %.0f s", run.name, seed, wall)
     return record
-
-
-def _curve_keys(suite: Suite) -> list[str]:
-    return [suite.curve] if suite.curve else []
-
-
-def logged_values(run_dir: str | Path, key: str) -> list[list[float]]:
-    """``[step, value]`` of every logged value of ``key`` in a run's CSV metrics (resumed parts included)."""
-    import csv
-
-    from lmforge.tracking import csv_history
-
-    points = []
-    for path in csv_history(Path(run_dir) / "csv"):
-        if path.is_file():
-            with open(path, newline="") as f:
-                points += [[int(row["step"]), float(row[key])] for row in csv.DictReader(f) if row.get(key)]
-    return points

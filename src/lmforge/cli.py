@@ -61,6 +61,13 @@ def check_group_choices(overrides: list[str], conf_dir: Path = CONF_DIR) -> None
 FREE_TEXT_KEYS = ("text", "prompt", "question", "context")
 
 
+def _hydra_quoted(value: str) -> str:
+    """``value`` as a single-quoted Hydra string, read back unchanged."""
+    # Hydra unescapes a backslash only before a quote or at the end of the string.
+    trailing = len(value) - len(value.rstrip("\\"))
+    return "'" + value.replace("'", "\\'") + "\\" * trailing + "'"
+
+
 def quote_free_text(args: list[str], keys: tuple[str, ...] = FREE_TEXT_KEYS) -> list[str]:
     """Quote the values of free-text overrides, so that commas, brackets and parentheses in
     ``context="Denver (AFC) won, 24-10."`` reach the program as text instead of Hydra syntax.
@@ -72,9 +79,7 @@ def quote_free_text(args: list[str], keys: tuple[str, ...] = FREE_TEXT_KEYS) -> 
         key, sep, value = arg.partition("=")
         quoted = len(value) > 1 and value[0] == value[-1] and value[0] in "'\""
         if sep and key in keys and not quoted and not value.startswith("["):
-            # Hydra unescapes a backslash only before a quote or at the end of the string.
-            trailing = len(value) - len(value.rstrip("\\"))
-            value = "'" + value.replace("'", "\\'") + "\\" * trailing + "'"
+            value = _hydra_quoted(value)
         out.append(f"{key}{sep}{value}")
     return out
 
@@ -95,7 +100,7 @@ def quote_override_lists(args: list[str], keys: tuple[str, ...] = ("extra",)) ->
                 else:
                     current += char
             items = [i for i in (*items, current) if i]
-            quoted = [i if i[:1] in "'\"" else "'" + i.replace("'", "\\'") + "'" for i in items]
+            quoted = [i if i[:1] in "'\"" else _hydra_quoted(i) for i in items]
             arg = f"{key}=[{','.join(quoted)}]"
         out.append(arg)
     return out

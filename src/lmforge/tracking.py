@@ -285,19 +285,24 @@ def csv_history(csv_dir: str | Path) -> list[Path]:
     return [*parts, csv_dir / "metrics.csv"]
 
 
-def plot_curves(metrics_files: list[Path], png: str | Path) -> Path | None:
-    """Plot training and validation loss against step from a CSV logger's metrics files."""
-    curves: dict[str, tuple[list[int], list[float]]] = {"train/loss": ([], []), "val/loss": ([], [])}
+def logged_values(metrics_files: list[Path], keys: list[str]) -> dict[str, list[list[float]]]:
+    """``[step, value]`` of every logged value of each of ``keys`` in a CSV logger's metrics files, in order."""
+    values: dict[str, list[list[float]]] = {key: [] for key in keys}
     for metrics_csv in metrics_files:
         if not Path(metrics_csv).is_file():
             continue
         with open(metrics_csv, newline="") as f:
             for row in csv.DictReader(f):
-                for key, (steps, values) in curves.items():
+                for key, points in values.items():
                     if row.get(key):
-                        steps.append(int(row["step"]))
-                        values.append(float(row[key]))
-    if not any(steps for steps, _ in curves.values()):
+                        points.append([int(row["step"]), float(row[key])])
+    return values
+
+
+def plot_curves(metrics_files: list[Path], png: str | Path) -> Path | None:
+    """Plot training and validation loss against step from a CSV logger's metrics files."""
+    curves = logged_values(metrics_files, ["train/loss", "val/loss"])
+    if not any(curves.values()):
         return None
     import matplotlib
 
@@ -305,8 +310,9 @@ def plot_curves(metrics_files: list[Path], png: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, (steps, values) in curves.items():
-        if steps:
+    for key, points in curves.items():
+        if points:
+            steps, values = zip(*points)
             ax.plot(steps, values, label=key, marker="o" if key.startswith("val") else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
