@@ -1,5 +1,5 @@
-"""Lightning callbacks of our own: throughput, a stop on a non-finite loss and a progress bar that counts
-optimizer steps."""
+"""Lightning callbacks of our own: throughput, a stop on a non-finite loss, a progress bar that counts
+optimizer steps and an exponential moving average of the weights."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.callbacks import RichProgressBar, WeightAveraging
 
 from lmforge.errors import LmforgeError
 from lmforge.tracking import process_age_seconds
@@ -118,3 +118,27 @@ class StepProgressBar(RichProgressBar):
         if "train/tokens_per_s" in metrics:
             metrics["train/tokens_per_s"] = f"{float(metrics['train/tokens_per_s']):,.0f}"
         return metrics
+
+
+class ExponentialMovingAverage(WeightAveraging):
+    """Validate, checkpoint and test an exponential moving average of the weights (Polyak averaging).
+
+    Lightning's :class:`WeightAveraging` does the bookkeeping: it swaps the average in for
+    validation, saves it as the checkpoint's ``state_dict`` (the trained weights go to
+    ``current_model_state``, from which a resumed run continues) and leaves it in the model when
+    training ends. The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so
+    the average follows the model closely early on instead of remembering the random
+    initialisation at the first validations.
+    """
+
+    def __init__(self, decay: float = 0.999, **kwargs):
+        if not 0.0 < decay < 1.0:
+            raise LmforgeError(f"callbacks.ema.decay must lie between 0 and 1, not {decay}.")
+        self.decay = decay
+        super().__init__(avg_fn=self._update, **kwargs)
+
+    def _update(self, average: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        if not average.is_floating_point():  # integer or boolean buffers (masks, ids) are copied
+            return current
+        decay = torch.clamp((1.0 + num_averaged) / (10.0 + num_averaged), max=self.decay)
+        return average.lerp_(current, (1.0 - decay).to(average.dtype))
