@@ -124,10 +124,10 @@ class ExponentialMovingAverage(WeightAveraging):
     """Validate, checkpoint and test an exponential moving average of the weights (Polyak averaging).
 
     Lightning's :class:`WeightAveraging` does the bookkeeping: it swaps the average in for
-    validation, saves it as the checkpoint's ``state_dict`` (the trained weights go to
-    ``current_model_state``, from which a resumed run continues) and leaves it in the model when
-    training ends. The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so
-    the average follows the model closely early on instead of remembering the random
+    validation and saves it as each checkpoint's ``state_dict``, which the test, ``init_from=`` and
+    the inference commands load; the trained weights go to ``current_model_state``, from which a
+    resumed run continues. The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n``
+    updates, so the average follows the model closely early on instead of remembering the random
     initialisation at the first validations.
     """
 
@@ -142,3 +142,8 @@ class ExponentialMovingAverage(WeightAveraging):
             return current
         decay = torch.clamp((1.0 + num_averaged) / (10.0 + num_averaged), max=self.decay)
         return average.lerp_(current, (1.0 - decay).to(average.dtype))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """Keep the trained weights in the model: the final checkpoint saves them beside the average."""
+        # Lightning's WeightAveraging copies the average over them here, so a last.ckpt written after
+        # fit would lose them and resume= would continue from the average.

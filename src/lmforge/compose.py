@@ -84,7 +84,7 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     """Instantiate every callback of the ``callbacks=`` group."""
-    return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    return [_instantiate_reporting(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
 
 
 def build_data(

@@ -190,7 +190,8 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
     if getattr(run.datamodule, "has_test_split", False) and cfg.get("test_after_fit", True):
-        test = trainer.test(run.task, datamodule=run.datamodule, ckpt_path=best or None, verbose=False)
+        # The checkpoint, not the model in memory: with callbacks=ema it holds the averaged weights.
+        test = trainer.test(run.task, datamodule=run.datamodule, ckpt_path=best or str(last_ckpt), verbose=False)
         metrics.update(_float_metrics(test[0] if test else {}))
     if checkpoint is not None and checkpoint.best_model_score is not None:
         metrics[f"best_{checkpoint.monitor}"] = round(float(checkpoint.best_model_score), 6)
