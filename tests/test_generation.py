@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lmforge.generation import filter_logits, generate, penalize_repetition
+from lmforge.generation import ban_repeated_ngrams, filter_logits, generate, penalize_repetition
 from lmforge.models.gpt import GPT
 from lmforge.models.rnn_seq2seq import RNNSeq2Seq
 from lmforge.models.t5 import T5
@@ -172,3 +172,36 @@ def test_repetition_penalty_discourages_seen_tokens():
     plain = generate(model, prompt, 20, temperature=0.0)[0, 2:].tolist()
     penalised = generate(model, prompt, 20, temperature=0.0, repetition_penalty=100.0)[0, 2:].tolist()
     assert len(set(penalised)) > len(set(plain))  # a random tiny model loops; the penalty breaks the loop
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_banned_ngrams_match_transformers(n):
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    generator = torch.Generator().manual_seed(n)
+    ids = torch.randint(0, 3, (4, 20), generator=generator)  # three tokens used: many repeats
+    logits = torch.randn(4, 6, generator=generator)
+    expected = NoRepeatNGramLogitsProcessor(n)(ids, logits.clone())
+    assert torch.equal(ban_repeated_ngrams(logits, ids, n), expected)
+    assert torch.isinf(expected).any()  # the case is not vacuous
+    assert torch.equal(ban_repeated_ngrams(logits, ids, 0), logits)
+
+
+def _repeated_ngrams(tokens: list[int], n: int) -> int:
+    ngrams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(ngrams) - len(set(ngrams))
+
+
+@pytest.mark.parametrize("options", [{"temperature": 0.0}, {"num_beams": 3}], ids=["greedy", "beams"])
+def test_no_repeat_ngram_size_stops_a_looping_model_from_repeating(options):
+    torch.manual_seed(4)
+    model = GPT(vocab_size=40, n_layer=1, n_head=2, n_embd=16, n_positions=64).eval()
+    prompt = torch.tensor([[3, 4]])
+    plain = generate(model, prompt, 20, **options)[0].tolist()
+    assert _repeated_ngrams(plain, 2) > 0  # a random tiny model loops
+    assert _repeated_ngrams(generate(model, prompt, 20, no_repeat_ngram_size=2, **options)[0].tolist(), 2) == 0
+    torch.manual_seed(0)
+    seq2seq = SEQ2SEQ["transformer"]().eval()
+    input_ids, mask = _source_batch()
+    for row in _seq2seq_generate(seq2seq, input_ids, mask, no_repeat_ngram_size=2, **options).tolist():
+        assert _repeated_ngrams(row[: row.index(EOS)] if EOS in row else row, 2) == 0

@@ -308,7 +308,8 @@ def generate() -> None:
     translate or summarise with a seq2seq run: ``lmforge-generate run=<run dir> text="A man is riding a bike."``.
 
     Options (``key=value``): checkpoint=best|last|<path>, num_samples, temperature, top_k,
-    top_p, greedy=true, num_beams, length_penalty, repetition_penalty, sample=true (seq2seq),
+    top_p, greedy=true, num_beams, length_penalty, repetition_penalty, no_repeat_ngram_size,
+    sample=true (seq2seq),
     seed, use_cache, device; see conf/generate.yaml.
     """
 

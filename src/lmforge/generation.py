@@ -45,6 +45,25 @@ def penalize_repetition(logits: torch.Tensor, ids: torch.Tensor, penalty: float)
     return logits.scatter(1, ids, torch.where(seen < 0, seen * penalty, seen / penalty))
 
 
+def ban_repeated_ngrams(logits: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Forbid every token that would complete an ``n``-gram ``ids`` already holds (0 = off)."""
+    if n <= 0 or ids.shape[1] < n:
+        return logits
+    ngrams = ids.unfold(1, n, 1)  # (B, W, n): every n-gram so far
+    if n == 1:
+        repeats = torch.ones(ngrams.shape[:2], device=ids.device)
+    else:  # the n-grams whose first n - 1 tokens are the sequence's last n - 1
+        repeats = (ngrams[:, :, :-1] == ids[:, None, ids.shape[1] - n + 1 :]).all(-1).float()
+    banned = torch.zeros_like(logits).scatter_add_(1, ngrams[:, :, -1], repeats) > 0
+    return logits.masked_fill(banned, float("-inf"))
+
+
+def next_token_logits(steps, ids: torch.Tensor, repetition_penalty: float, no_repeat_ngram_size: int) -> torch.Tensor:
+    """The model's next-token logits for ``ids`` after the repetition rules."""
+    logits = penalize_repetition(steps.next_logits(ids).float(), ids, repetition_penalty)
+    return ban_repeated_ngrams(logits, ids, no_repeat_ngram_size)
+
+
 class DecoderSteps:
     """Next-token logits of a decoder for a batch of growing sequences (prompt + generated tokens).
 
@@ -118,6 +137,7 @@ def generate(
     length_penalty: float = 1.0,
     early_stopping: bool = True,
     repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
     decoder_start_token_id: int | None = None,
     pad_token_id: int | None = None,
 ) -> torch.Tensor:
@@ -139,6 +159,7 @@ def generate(
         length_penalty: beam search ranks finished sequences by log-probability / length ** length_penalty.
         early_stopping: beam search stops a row once it has ``num_beams`` finished sequences.
         repetition_penalty: above 1 discourages tokens the sequence already holds (1 = off).
+        no_repeat_ngram_size: no n-gram of this size occurs twice in a sequence (0 = off).
         decoder_start_token_id: the first decoder input of an encoder-decoder.
         pad_token_id: what fills the rows that ended early (default: ``eos_token_id``, else 0).
     Returns:
@@ -159,20 +180,20 @@ def generate(
     try:
         if num_beams > 1:
             out = _beam_search(steps, ids, max_new_tokens, num_beams, length_penalty, early_stopping,
-                               repetition_penalty, eos_token_id, pad)  # fmt: skip
+                               (repetition_penalty, no_repeat_ngram_size), eos_token_id, pad)  # fmt: skip
         else:
-            out = _sample(steps, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                          eos_token_id, pad, generator)  # fmt: skip
+            out = _sample(steps, ids, max_new_tokens, temperature, top_k, top_p,
+                          (repetition_penalty, no_repeat_ngram_size), eos_token_id, pad, generator)  # fmt: skip
     finally:
         model.train(was_training)
     return out[:, keep:]
 
 
-def _sample(steps, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, pad, generator):
+def _sample(steps, ids, max_new_tokens, temperature, top_k, top_p, repetition, eos, pad, generator):
     """Greedy decoding (temperature 0) or sampling, one token per step for the whole batch."""
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
-        logits = penalize_repetition(steps.next_logits(ids).float(), ids, repetition_penalty)
+        logits = next_token_logits(steps, ids, *repetition)
         if temperature == 0:
             next_id = logits.argmax(-1, keepdim=True)
         else:
@@ -187,7 +208,7 @@ def _sample(steps, ids, max_new_tokens, temperature, top_k, top_p, repetition_pe
     return ids
 
 
-def _beam_search(steps, ids, max_new_tokens, num_beams, length_penalty, early_stopping, repetition_penalty, eos, pad):
+def _beam_search(steps, ids, max_new_tokens, num_beams, length_penalty, early_stopping, repetition, eos, pad):
     """Keep the ``num_beams`` most likely continuations of each row; return the best finished one per row."""
     B, K, start = ids.shape[0], num_beams, ids.shape[1]
     device = ids.device
@@ -203,7 +224,7 @@ def _beam_search(steps, ids, max_new_tokens, num_beams, length_penalty, early_st
         return score / (length**length_penalty)
 
     for step in range(max_new_tokens):
-        logits = penalize_repetition(steps.next_logits(ids).float(), ids, repetition_penalty)
+        logits = next_token_logits(steps, ids, *repetition)
         V = logits.shape[-1]
         candidates = (scores.view(-1, 1) + logits.log_softmax(-1)).view(B, K * V)
         top_scores, top_index = candidates.topk(2 * K, dim=1)

@@ -67,6 +67,7 @@ def _sampling_options(cfg: DictConfig) -> dict[str, Any]:
         num_beams=cfg.num_beams or 1,
         length_penalty=cfg.length_penalty,
         repetition_penalty=cfg.repetition_penalty,
+        no_repeat_ngram_size=cfg.get("no_repeat_ngram_size") or 0,
         use_cache=cfg.use_cache,
     )
 
@@ -88,7 +89,8 @@ def _continue_prompt(run, cfg: DictConfig) -> list[str]:
 def _generate_seq2seq(run, cfg: DictConfig) -> list[str]:
     """The output of a seq2seq run (translation, summary) for each of ``text=`` (one text or a list).
 
-    Beam search with the run's ``num_beams`` unless ``num_beams=`` or sampling options say otherwise.
+    Beam search with the run's ``num_beams`` (and ``no_repeat_ngram_size``) unless ``num_beams=`` or
+    sampling options say otherwise.
     """
     if cfg.get("text") is None:
         raise LmforgeError(
@@ -98,6 +100,8 @@ def _generate_seq2seq(run, cfg: DictConfig) -> list[str]:
     task = make_task(run.cfg, run.backbone, run.tokenizer, {})
     options = _sampling_options(cfg)
     options["num_beams"] = 1 if cfg.sample else (cfg.num_beams or task.num_beams)
+    if cfg.get("no_repeat_ngram_size") is None:  # the run's own setting
+        options.pop("no_repeat_ngram_size")
     if not cfg.sample:
         options["temperature"] = 0.0
     task.to(_device(cfg.device)).eval()

@@ -66,6 +66,7 @@ class Seq2SeqTask(TaskModule):
         length_penalty: beam search ranks finished texts by log-probability / length ** length_penalty.
         max_new_tokens: longest generated text in tokens.
         repetition_penalty: above 1 discourages repeated tokens (1 = off).
+        no_repeat_ngram_size: no n-gram of this size occurs twice in a generated text (0 = off).
         val_generate_limit: pairs of each validation run that are generated and scored (None: all).
         show_examples: generated texts printed after each validation, beside their references.
     """
@@ -84,6 +85,7 @@ class Seq2SeqTask(TaskModule):
         length_penalty: float = 1.0,
         max_new_tokens: int = 128,
         repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
         val_generate_limit: int | None = None,
         show_examples: int = 2,
     ):
@@ -103,7 +105,11 @@ class Seq2SeqTask(TaskModule):
         self.pad_id = pad_token_id(tokenizer)
         self.label_smoothing = label_smoothing
         self.metrics = tuple(metrics)
-        self.generation = dict(length_penalty=length_penalty, repetition_penalty=repetition_penalty)
+        self.generation = dict(
+            length_penalty=length_penalty,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+        )
         self.num_beams = num_beams
         self.max_new_tokens = max_new_tokens
         self.val_generate_limit = val_generate_limit
