@@ -309,8 +309,7 @@ def generate() -> None:
 
     Options (``key=value``): checkpoint=best|last|<path>, num_samples, temperature, top_k,
     top_p, greedy=true, num_beams, length_penalty, repetition_penalty, no_repeat_ngram_size,
-    sample=true (seq2seq),
-    seed, use_cache, device; see conf/generate.yaml.
+    sample=true (seq2seq), seed, use_cache, device; see conf/generate.yaml.
     """
 
     def run(cfg):
