@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from lmforge.cli import CONF_DIR, config_choices
 from lmforge.sweeps import SWEEP_JOB_VAR, preset_yaml, search_base, single_job_argv, summary_table
 from lmforge.wandb_sweep import COMMAND, wandb_parameter, wandb_sweep_config
@@ -174,3 +178,65 @@ def test_ddp_multirun_runs_each_job_once_on_two_ranks(tmp_path):
     assert len(records) == 2 and len({r["run_dir"] for r in records}) == 2
     (sweep_dir,) = (tmp_path / "multirun").iterdir()
     assert (sweep_dir / "summary.md").is_file()
+
+
+def _postgres_bin() -> Path | None:
+    """The directory of PostgreSQL's server programs (initdb, pg_ctl), when they are installed."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb") or ""]
+    return Path(found[-1]).parent if found[-1] else None
+
+
+@pytest.fixture
+def postgres_url():
+    """A throwaway PostgreSQL server on a Unix socket, with an empty ``optuna`` database; its URL."""
+    pytest.importorskip("psycopg2")
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("needs PostgreSQL's server programs (Debian: apt-get install postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="lmforge-pg-"))
+    # initdb refuses to run as root: the server then runs as the postgres user.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(root, "postgres")
+    data, port = root / "data", "54329"
+    run = lambda *args: subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=60)  # noqa: E731
+    run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
+    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"),
+        "-o", f"-k {root} -p {port} -c listen_addresses=''", "start")  # fmt: skip
+    try:
+        run(str(bin_dir / "createdb"), "-h", str(root), "-p", port, "-U", "postgres", "optuna")
+        yield f"postgresql://postgres@/optuna?host={root}&port={port}"
+    finally:
+        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_optuna_study_through_postgresql(tmp_path, postgres_url):
+    import optuna
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)  # the best preset is written into conf/experiment
+    args = ["-m", "hparams_search=tinyshakespeare-optuna", *TINY_SWEEP, "hydra.sweeper.n_trials=2",
+            f"hydra.sweeper.storage='{postgres_url}'"]  # fmt: skip
+    env = {**os.environ, "LMFORGE_CONF": str(conf)}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), *args, f"paths.output_root={tmp_path / name}"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for name in ("a", "b")
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-2000:]
+    study = optuna.load_study(study_name="tinyshakespeare-optuna", storage=postgres_url)
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]  # one study, trials from both workers
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    for name in ("a", "b"):  # each worker's best preset is the study's best so far when it ended
+        best = OmegaConf.load(max((tmp_path / name / "multirun").iterdir()) / "optimization_results.yaml")
+        assert best.best_value >= study.best_value

@@ -12,7 +12,9 @@ import json
 import logging
 import math
 import os
+import random
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -223,10 +225,29 @@ def sqlite_path(storage: str | None) -> Path | None:
     return None if path in ("", ":memory:") else Path(path)
 
 
+def create_study_tables(storage: str, attempts: int = 8) -> None:
+    """Create Optuna's tables in a database server, trying again when another worker creates them too.
+
+    Workers started together on an empty database otherwise race inside the sweeper: each checks that
+    the tables are missing, and all but one then fail on a duplicate key.
+    """
+    import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            optuna.storages.RDBStorage(storage)
+            return
+        except (IntegrityError, ProgrammingError):  # another worker created them meanwhile
+            if attempt == attempts - 1:
+                raise
+            time.sleep(random.uniform(0.1, 0.5) * (attempt + 1))
+
+
 class OptunaStudy(Callback):
-    """Around an Optuna sweep: make the SQLite database's folder first; afterwards write the study's
-    best trial as an experiment preset (``conf/experiment/<study>-best.yaml``, and ``best.yaml`` in the
-    sweep dir).
+    """Around an Optuna sweep: make the SQLite database's folder, or a server database's tables, first;
+    afterwards write the study's best trial as an experiment preset
+    (``conf/experiment/<study>-best.yaml``, and ``best.yaml`` in the sweep dir).
 
     Args:
         preset_dir: where the preset goes; None: this checkout's ``conf/experiment``.
@@ -236,10 +257,13 @@ class OptunaStudy(Callback):
         self.preset_dir = preset_dir
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """SQLite creates the database file but not its folder."""
-        path = sqlite_path(OmegaConf.select(config, "hydra.sweeper.storage"))
+        """SQLite creates the database file but not its folder; a server's tables are made here, once."""
+        storage = OmegaConf.select(config, "hydra.sweeper.storage")
+        path = sqlite_path(storage)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+        elif storage:
+            create_study_tables(str(storage))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Write the preset from the sweeper's ``optimization_results.yaml`` (best over the whole study)."""
