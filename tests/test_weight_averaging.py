@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, SimulatedCrash
+from conftest import TINY, SimulatedCrash, entry_cfg, requires_data
 from lmforge.compose import build_callbacks
 from lmforge.errors import LmforgeError
+from lmforge.inference import evaluate_run
 from lmforge.training import run_training
 
 DECAY = 0.4  # small, so that 8 steps reach the cap after the warm-up
@@ -67,6 +68,28 @@ def test_checkpoint_holds_the_moving_average_and_a_resumed_run_continues_it(cfg_
     for key in ("state_dict", "current_model_state"):
         for name, value in ckpt[key].items():
             torch.testing.assert_close(last_checkpoint(resumed)[key][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@requires_data
+def test_the_test_after_fit_scores_the_average(cfg_factory):
+    # A GRU on SST-2, which has a test split, at a high learning rate and a slow average, so that the
+    # average and the trained weights score differently. The run's test must score the average (as
+    # lmforge-evaluate does from the checkpoint's state_dict), not the trained weights beside it.
+    run = run_training(cfg_factory(["model=gru", "task=sst2", "model.hidden_size=16", "model.embedding_size=16",
+                                    "logger=none", "optimizer.lr=0.01", "trainer.max_steps=16",
+                                    "trainer.val_check_interval=16", "trainer.limit_val_batches=2",
+                                    "trainer.limit_test_batches=2", "callbacks=ema", "callbacks.ema.decay=0.9"]))  # fmt: skip
+
+    def test_loss(checkpoint: str) -> float:
+        cfg = entry_cfg("evaluate", [f"run={run['run_dir']}", f"checkpoint={checkpoint}", "split=test",
+                                     "limit_batches=2"])  # fmt: skip
+        return evaluate_run(cfg)["metrics"]["test/loss"]
+
+    ckpt = torch.load(run["best_checkpoint"], weights_only=True)
+    trained = Path(run["run_dir"]) / "trained-weights.ckpt"
+    torch.save({**ckpt, "state_dict": ckpt["current_model_state"]}, trained)
+    assert run["metrics"]["test/loss"] == pytest.approx(test_loss(run["best_checkpoint"]), abs=1e-6)
+    assert abs(run["metrics"]["test/loss"] - test_loss(str(trained))) > 1e-5  # metrics keep 6 decimals
 
 
 def test_a_decay_outside_zero_to_one_is_one_sentence(cfg_factory):

@@ -8,6 +8,7 @@ import time
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import RichProgressBar, WeightAveraging
+from pytorch_lightning.trainer.states import TrainerFn
 
 from lmforge.errors import LmforgeError
 from lmforge.tracking import process_age_seconds
@@ -142,6 +143,13 @@ class ExponentialMovingAverage(WeightAveraging):
             return current
         decay = torch.clamp((1.0 + num_averaged) / (10.0 + num_averaged), max=self.decay)
         return average.lerp_(current, (1.0 - decay).to(average.dtype))
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        """Resuming training restores the trained weights and the average; testing keeps the average."""
+        # Lightning's WeightAveraging loads current_model_state whenever it holds an average, so a
+        # test after fit (ckpt_path=best) would score the trained weights instead of the average.
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     def on_train_end(self, trainer, pl_module) -> None:
         """Keep the trained weights in the model: the final checkpoint saves them beside the average."""
