@@ -182,8 +182,9 @@ def test_ddp_multirun_runs_each_job_once_on_two_ranks(tmp_path):
 
 def _postgres_bin() -> Path | None:
     """The directory of PostgreSQL's server programs (initdb, pg_ctl), when they are installed."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb") or ""]
-    return Path(found[-1]).parent if found[-1] else None
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    initdb = found[-1] if found else shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
 
 
 @pytest.fixture
@@ -228,7 +229,7 @@ def test_two_workers_share_one_optuna_study_through_postgresql(tmp_path, postgre
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for name in ("a", "b")
     ]
     for worker in workers:

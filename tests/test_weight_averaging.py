@@ -55,7 +55,7 @@ def test_checkpoint_holds_the_moving_average_and_a_resumed_run_continues_it(cfg_
         torch.testing.assert_close(ckpt["state_dict"][name], value, rtol=1e-5, atol=1e-6, msg=name)
         # The trained weights are kept beside the average, for resume=.
         torch.testing.assert_close(ckpt["current_model_state"][name], RecordWeights.steps[-1][name], msg=name)
-    name = "model.lm_head.weight" if "model.lm_head.weight" in ckpt["state_dict"] else next(iter(ckpt["state_dict"]))
+    name = "backbone.lm_head.weight"
     assert not torch.equal(ckpt["state_dict"][name], ckpt["current_model_state"][name])
 
     crashing = cfg_factory([*EMA, "callbacks.last_checkpoint.every_n_train_steps=2",
