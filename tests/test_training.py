@@ -174,6 +174,15 @@ def test_compile_runs_and_keeps_checkpoint_names(cfg_factory):
     assert "backbone.transformer.wte.weight" in state and not any("_orig_mod" in k for k in state)
 
 
+def test_activation_checkpointing_trains_the_same_run(cfg_factory):
+    """The same seed with and without it: the same losses (checkpointing recomputes, it changes no math)."""
+    tiny = [*TINY, "model.n_layer=2", "model.dropout=0.1", "test_after_fit=false"]
+    plain = run_training(cfg_factory(tiny))["metrics"]
+    checkpointed = run_training(cfg_factory([*tiny, "activation_checkpointing=true"]))["metrics"]
+    assert checkpointed["val/loss"] == pytest.approx(plain["val/loss"], rel=1e-6)
+    assert checkpointed["train/loss"] == pytest.approx(plain["train/loss"], rel=1e-6)
+
+
 @pytest.mark.slow
 def test_torchrun_ranks_share_one_run_dir(tmp_path):
     import os

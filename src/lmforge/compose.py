@@ -17,6 +17,7 @@ from torch import nn
 from lmforge.callbacks import TokenThroughput
 from lmforge.errors import LmforgeError, sentence
 from lmforge.finetune import FinetuneMethod, Full
+from lmforge.models.layers import enable_activation_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,10 @@ def build_run(
     method = build_finetune(cfg)
     method.apply(backbone, cfg.model.get("targets"), cfg.model.name)
     task.finetune = method
+    if cfg.get("activation_checkpointing") and not enable_activation_checkpointing(backbone):
+        raise LmforgeError(
+            f"activation_checkpointing=true needs a transformer backbone; {cfg.model.name} has no blocks to checkpoint."
+        )
     if cfg.get("compile"):
         backbone.compile()  # in place: parameter names (and checkpoints) stay the same
     callbacks = [*build_callbacks(cfg), *method.callbacks()]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.models.layers import KVPrefix, SoftPrompt, init_normal
+from lmforge.models.layers import BlockRunner, KVPrefix, SoftPrompt, init_normal
 
 
 class BertEmbeddings(nn.Module):
@@ -116,7 +116,7 @@ class BertLayer(nn.Module):
         return self.output(self.intermediate(x), x)
 
 
-class BertEncoder(nn.Module):
+class BertEncoder(BlockRunner, nn.Module):
     """The stack of blocks (``encoder.layer.<i>``)."""
 
     def __init__(self, n_layer: int, hidden_size: int, n_head: int, intermediate_size: int, dropout: float):
@@ -126,7 +126,7 @@ class BertEncoder(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """(B, T, C) -> (B, T, C)."""
         for layer in self.layer:
-            x = layer(x, mask)
+            x = self.run_block(layer, x, mask)
         return x
 
 

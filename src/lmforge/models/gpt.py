@@ -12,10 +12,10 @@ import math
 import torch
 from torch import nn
 
-from lmforge.models.layers import KVCache, PreNormBlock, SoftPrompt, init_normal
+from lmforge.models.layers import BlockRunner, KVCache, PreNormBlock, SoftPrompt, init_normal
 
 
-class GPT(nn.Module):
+class GPT(BlockRunner, nn.Module):
     """Token + learned position embeddings, pre-LayerNorm blocks, tied output head.
 
     Args:
@@ -105,7 +105,7 @@ class GPT(nn.Module):
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask.new_ones(len(x), self.prompt.length), attention_mask], 1)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, attention_mask, cache.layers[i] if cache is not None else None)
+            x = self.run_block(block, x, attention_mask, cache.layers[i] if cache is not None else None)
         x = self.transformer.ln_f(x)
         return x[:, self.prompt.length :] if prompted else x
 

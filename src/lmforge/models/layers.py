@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def init_normal(module: nn.Module, std: float = 0.02) -> None:
@@ -17,6 +18,33 @@ def init_normal(module: nn.Module, std: float = 0.02) -> None:
         nn.init.normal_(module.weight, mean=0.0, std=std)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
+
+
+class BlockRunner:
+    """Mixed into the module that loops over a stack of blocks: runs each block, recomputing its
+    activations in the backward pass instead of keeping them when :attr:`activation_checkpointing` is on.
+
+    Checkpointing trades about one extra forward pass per step for keeping only each block's input,
+    which is what lets a long context or a big batch fit in memory. It applies only while training
+    with gradients, so validation, generation and the KV cache are unchanged.
+    """
+
+    activation_checkpointing: bool = False
+
+    def run_block(self, block: nn.Module, *args):
+        """``block(*args)``, checkpointed when activation checkpointing is on and gradients are being recorded."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            # Non-reentrant: correct with frozen inputs (PEFT), DDP and nested autograd; dropout masks are replayed.
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Turn on activation checkpointing in every block stack of ``model``; returns how many stacks it found."""
+    stacks = [m for m in model.modules() if isinstance(m, BlockRunner)]
+    for stack in stacks:
+        stack.activation_checkpointing = True
+    return len(stacks)
 
 
 class KVPrefix(nn.Module):

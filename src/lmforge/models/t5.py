@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from lmforge.models.layers import Attention, KVCache, LayerCache, SoftPrompt, attention_mask_for
+from lmforge.models.layers import Attention, BlockRunner, KVCache, LayerCache, SoftPrompt, attention_mask_for
 
 # Keys of a Hugging Face T5 state dict that are other names for ``shared.weight``.
 HF_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
@@ -187,7 +187,7 @@ class T5Block(nn.Module):
         return self.layer[-1](x)
 
 
-class T5Stack(nn.Module):
+class T5Stack(BlockRunner, nn.Module):
     """The encoder or the decoder: blocks sharing the first block's position bias, then a final norm.
 
     Args:
@@ -250,7 +250,7 @@ class T5Stack(nn.Module):
         x = self.dropout(x)
         for i, block in enumerate(self.block):
             kv = memory_kv[i] if memory_kv is not None else None
-            x = block(x, bias, kv, memory_mask, cache.layers[i] if cache is not None else None)
+            x = self.run_block(block, x, bias, kv, memory_mask, cache.layers[i] if cache is not None else None)
         return self.dropout(self.final_layer_norm(x))
 
 

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from lmforge.models.layers import Attention, KVCache, attention_mask_for
+from lmforge.models.layers import Attention, BlockRunner, KVCache, attention_mask_for
 
 
 def sinusoidal_positions(n_positions: int, d_model: int) -> torch.Tensor:
@@ -96,7 +96,7 @@ class DecoderLayer(nn.Module):
         return self.sublayers[2](x, self.ff)
 
 
-class Transformer(nn.Module):
+class Transformer(BlockRunner, nn.Module):
     """Encoder-decoder Transformer with one embedding table shared by source, target and output (a joint vocabulary).
 
     Args:
@@ -162,7 +162,7 @@ class Transformer(nn.Module):
         x = self._embed(input_ids)
         mask = attention_mask_for(attention_mask, x.shape[1], x.shape[1], causal=False, device=x.device)
         for layer in self.encoder:
-            x = layer(x, mask)
+            x = self.run_block(layer, x, mask)
         return self.encoder_norm(x)
 
     def new_cache(self) -> KVCache:
@@ -189,7 +189,7 @@ class Transformer(nn.Module):
                 if cache.cross[i] is None:
                     cache.cross[i] = layer.cross_attn.keys_values(memory)
                 kv = cache.cross[i]
-            x = layer(x, self_mask, kv, cross_mask, cache.layers[i] if cache is not None else None)
+            x = self.run_block(layer, x, self_mask, kv, cross_mask, cache.layers[i] if cache is not None else None)
         return self.decoder_norm(x) @ self.embed.weight.T
 
     def forward(
