@@ -21,7 +21,12 @@ def test_unknown_group_choice_lists_the_names_that_exist():
         match=r"^Unknown task/source 'wiki'; choose one of: squad, sst2-pretrain, tinyshakespeare, wikitext2\.$",
     ):
         check_group_choices(["task=mlm", "task/source=wiki"])
+    with pytest.raises(
+        LmforgeError, match=r"^Unknown callbacks 'early-stop'; choose one of: default, early-stopping, ema\.$"
+    ):
+        check_group_choices(["callbacks=[ema,early-stop]"])
     check_group_choices(["model=gpt2-tiny", "task=tinyshakespeare", "optimizer.lr=1e-3", "debug=null"])
+    check_group_choices(["callbacks=[ema,early-stopping]"])  # a list of configs of one group
     assert "shakespeare-char" in config_choices("experiment")
 
 

@@ -201,3 +201,12 @@ def test_torchrun_ranks_share_one_run_dir(tmp_path):
     assert [p.name for p in (tmp_path / "runs").iterdir()][0].startswith("torchrun-")
     assert len(list((tmp_path / "runs").iterdir())) == 1
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1
+
+
+def test_early_stopping_ends_the_run_and_says_so(cfg_factory):
+    """A min_delta that nothing meets: the first validation sets the best, the second ends the run."""
+    record = run_training(cfg_factory([*TINY, "trainer.max_steps=12", "callbacks=[default,early-stopping]",
+                                       "callbacks.early_stopping.patience=1", "callbacks.early_stopping.min_delta=100"]))  # fmt: skip
+    assert record["steps"] == 4 and record["stopped_early"].startswith("Monitored metric val/loss did not improve")
+    assert (Path(record["run_dir"]) / "checkpoints" / "last.ckpt").is_file()
+    assert run_training(cfg_factory(TINY))["stopped_early"] is None

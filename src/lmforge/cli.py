@@ -48,7 +48,8 @@ def check_group_choices(overrides: list[str], conf_dir: Path = CONF_DIR) -> None
         key = key.lstrip("+~").removeprefix("override ").strip()
         if not key or not (conf_dir / key).is_dir() or "(" in value:  # sweeps like range(...) are Hydra's to check
             continue
-        for name in value.split(","):
+        for name in value.split(","):  # a sweep (model=a,b) or a list of configs (callbacks=[default,ema])
+            name = name.strip("[] ")
             if name and name != "null" and not (conf_dir / key / f"{name}.yaml").is_file():
                 if key.startswith("hydra/") and name in _registered_choices(key):
                     continue

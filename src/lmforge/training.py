@@ -186,6 +186,9 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
 
     trainer.fit(run.task, datamodule=run.datamodule, ckpt_path=str(last_ckpt) if resuming else None, weights_only=True)
     trainer.save_checkpoint(last_ckpt)  # the periodic last.ckpt may be older than the final step
+    stopped_early = _stopped_early(trainer)
+    if stopped_early and is_rank_zero():
+        log.info("stopped early at step %d of %d: %s", trainer.global_step, trainer.max_steps, stopped_early)
     metrics = _float_metrics({k: v for k, v in trainer.callback_metrics.items() if not k.endswith("tokens_per_s")})
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
@@ -209,6 +212,7 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         "trainable_parameters": trainable,
         "device": _device_name(trainer),
         "steps": trainer.global_step,
+        "stopped_early": stopped_early,  # why early stopping ended the run, else None
         "metrics": metrics,
         "wall_time_s": round(wall, 2),
         "peak_memory_mb": tracking.peak_memory_mb(),
@@ -229,6 +233,17 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         curves = tracking.plot_curves(tracking.csv_history(run_dir / "csv"), run_dir / "curves.png")
         _summary(record, run, loggers, curves)
     return record
+
+
+def _stopped_early(trainer) -> str | None:
+    """Why ``callbacks=[...,early-stopping]`` ended the run before ``trainer.max_steps``; None when it did not."""
+    stopper = trainer.early_stopping_callback
+    if stopper is None:
+        return None
+    message = getattr(stopper, "stopping_reason_message", None)  # Lightning >= 2.5.5 says why
+    if message is None and stopper.wait_count >= stopper.patience and trainer.global_step < trainer.max_steps:
+        message = f"{stopper.monitor} did not improve for {stopper.patience} validations"
+    return message
 
 
 def _device_name(trainer) -> str:
