@@ -8,7 +8,8 @@ Prints three tables and ends with one line of ``key=value`` pairs:
    ``transformers.GPT2LMHeadModel`` with the same configuration (random init), on the same
    batches, fp32 and bf16 autocast, at three sizes; repeats interleaved, medians reported.
    On a CPU without AVX-512 BF16, bf16 is only measured at the smallest size (it is 15-30x
-   slower than fp32 there).
+   slower than fp32 there). On a GPU, gpt2 124M runs at context 1024, and a column gives the
+   model FLOPs utilisation (``GPT.flops_per_token`` against the GPU's dense peak).
 2. The full ``train.py`` pipeline (W&B offline, CSV, checkpoints, progress bar) against a bare
    PyTorch loop over the same model and DataLoader: per-step overhead in %, and the start-up
    time from the command to the first training step.
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from lmforge.callbacks import peak_flops  # noqa: E402
 from lmforge.generation import generate  # noqa: E402
 from lmforge.models.gpt import GPT  # noqa: E402
 
@@ -43,6 +45,8 @@ SIZES = {
     "gpt2-mini 6x384": (6, 6, 384, 65, 256, 4),
     "gpt2 124M": (12, 12, 768, 50257, 128, 2),
 }
+# On a GPU, gpt2 124M at its full context (the size the MFU target is set for).
+GPU_SIZES = {**SIZES, "gpt2 124M": (12, 12, 768, 50257, 1024, 8)}
 
 
 def hf_gpt2(n_layer, n_head, n_embd, vocab, n_positions):
@@ -78,15 +82,22 @@ def step_times(model, batches, precision: str, device: torch.device) -> list[flo
     return times
 
 
-def table_training(device, repeats, steps, quick) -> dict[str, float]:
-    """Table 1; returns the speed-ups (HF step time / lmforge step time) by precision."""
+def table_training(device, repeats, steps, quick) -> tuple[dict[str, float], dict[str, float]]:
+    """Table 1; returns the speed-ups (HF step time / lmforge step time) by precision, and lmforge's model
+    FLOPs utilisation of gpt2 124M by precision where the device's peak is known (GPUs)."""
     cpu_bf16 = device.type == "cuda" or "avx512_bf16" in Path("/proc/cpuinfo").read_text()
     print(
         f"\n1. Training step, lmforge GPT vs transformers GPT2LMHeadModel ({device}, median of {repeats} x {steps} steps)"
     )
-    print(f"{'size':<18} {'precision':<9} {'lmforge ms':>11} {'HF ms':>9} {'speed-up':>9} {'lmforge tok/s':>14}")
+    sizes = GPU_SIZES if device.type == "cuda" else SIZES
+    peaks = {p: peak_flops(device, "bf16-mixed" if p == "bf16" else "32-true") for p in ("fp32", "bf16")}
+    mfu_column = f" {'MFU':>6}" if any(peaks.values()) else ""
+    print(
+        f"{'size':<18} {'precision':<9} {'lmforge ms':>11} {'HF ms':>9} {'speed-up':>9} {'lmforge tok/s':>14}{mfu_column}"
+    )
     speedups: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    for i, (name, (layers, heads, width, vocab, ctx, batch)) in enumerate(SIZES.items()):
+    mfu: dict[str, float] = {}
+    for i, (name, (layers, heads, width, vocab, ctx, batch)) in enumerate(sizes.items()):
         if quick and i > 0:
             break
         torch.manual_seed(0)
@@ -103,8 +114,14 @@ def table_training(device, repeats, steps, quick) -> dict[str, float]:
                 theirs_t += step_times(theirs, batches, precision, device)[2:]
             a, b = statistics.median(ours_t), statistics.median(theirs_t)
             speedups[precision].append(b / a)
-            print(f"{name:<18} {precision:<9} {a * 1e3:11.1f} {b * 1e3:9.1f} {b / a:8.2f}x {batch * ctx / a:14,.0f}")
-    return {k: statistics.median(v) for k, v in speedups.items() if v}
+            line = f"{name:<18} {precision:<9} {a * 1e3:11.1f} {b * 1e3:9.1f} {b / a:8.2f}x {batch * ctx / a:14,.0f}"
+            if peaks[precision]:
+                utilisation = ours.flops_per_token(ctx) * batch * ctx / a / peaks[precision]
+                line += f" {utilisation:6.1%}"
+                if name == "gpt2 124M":
+                    mfu[precision] = utilisation
+            print(line)
+    return {k: statistics.median(v) for k, v in speedups.items() if v}, mfu
 
 
 class StepTimer:
@@ -222,7 +239,7 @@ def main() -> None:
     )
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none"
     print(f"{time.strftime('%Y-%m-%d')}  torch {torch.__version__}  CPU {cpu} x{os.cpu_count()}  GPU {gpu}")
-    speedups = table_training(device, args.repeats, 6 if args.quick else 8, args.quick)
+    speedups, mfu = table_training(device, args.repeats, 6 if args.quick else 8, args.quick)
     overhead, startup = table_pipeline(120 if args.quick else 320)
     kv = table_generation(device, 64 if args.quick else 256)
     pairs = {
@@ -231,6 +248,7 @@ def main() -> None:
         "pipeline_overhead_pct": f"{overhead:.1f}",
         "kv_cache_speedup": f"{kv:.2f}",
         "startup_s": startup,
+        **{f"mfu_gpt2_124m_{precision}": f"{value:.3f}" for precision, value in mfu.items()},
     }
     print("\n" + " ".join(f"{k}={v}" for k, v in pairs.items()))
 

@@ -1,5 +1,6 @@
 """GPT backbone: the real GPT-2 size, causality, masking, weight tying."""
 
+import pytest
 import torch
 
 from lmforge.models.gpt import GPT
@@ -59,3 +60,18 @@ def test_fixed_seed_logits_match_stored_values():
     assert logits.shape == (1, 10, 50)
     expected = torch.tensor([0.0526180, 0.1057091, -0.0996902, 0.0839485])
     torch.testing.assert_close(logits[0, -1, :4], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_flops_per_token_matches_a_count_of_every_matrix_product():
+    """The MFU estimate against torch's FLOP counter over a real forward and backward (attention as plain
+    matrix products, which the counter sees); biases and norms are the only difference."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for layers, width, vocab, context in [(4, 128, 65, 64), (2, 256, 1000, 256)]:
+        model = GPT(vocab, layers, 4, width, context)
+        ids = torch.randint(0, vocab, (2, context))
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+        estimate = model.flops_per_token(context) * ids.numel()
+        assert estimate == pytest.approx(counter.get_total_flops(), rel=0.015)

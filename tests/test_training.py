@@ -210,3 +210,15 @@ def test_early_stopping_ends_the_run_and_says_so(cfg_factory):
     assert record["steps"] == 4 and record["stopped_early"].startswith("Monitored metric val/loss did not improve")
     assert (Path(record["run_dir"]) / "checkpoints" / "last.ckpt").is_file()
     assert run_training(cfg_factory(TINY))["stopped_early"] is None
+
+
+def test_mfu_is_the_flops_rate_over_the_given_peak(cfg_factory):
+    """A peak of 1 GFLOP/s: MFU is tokens/s times the GPT's FLOPs per token over it; a CPU has no known peak."""
+    from lmforge.models.gpt import GPT
+
+    record = run_training(cfg_factory([*TINY, "callbacks.throughput.peak_tflops=0.001"]))
+    context = 64  # experiment=shakespeare-char's block size; 65 characters and an unknown-character token
+    per_token = GPT(66, n_layer=1, n_head=2, n_embd=32, n_positions=context, bias=False).flops_per_token(context)
+    assert record["mfu"] == pytest.approx(record["tokens_per_s"] * per_token / 1e9, rel=1e-3)
+    assert "train/mfu" not in record["metrics"]
+    assert run_training(cfg_factory(TINY))["mfu"] is None

@@ -15,20 +15,39 @@ from lmforge.tracking import process_age_seconds
 
 
 class TokenThroughput(pl.Callback):
-    """Log training tokens per second (input tokens of every batch, all ranks) to the progress bar.
+    """Log training tokens per second (input tokens of every batch, all ranks) to the progress bar, and the
+    model FLOPs utilisation (``train/mfu``) when the backbone counts its FLOPs and the device's peak is known.
 
     It also keeps the totals and the start-up time (command to first training step), which the
     run summary and the results table report.
+
+    Args:
+        log_every_n_steps: steps between two logged rates.
+        peak_tflops: the peak dense TFLOP/s of one device at the run's precision; None looks the GPU up
+            in Lightning's table (no MFU on a CPU or a GPU it does not list).
     """
 
-    def __init__(self, log_every_n_steps: int = 10):
+    def __init__(self, log_every_n_steps: int = 10, peak_tflops: float | None = None):
         self.log_every_n_steps = log_every_n_steps
+        self.peak_tflops = peak_tflops
         self.tokens = 0
+        self.flops = 0.0
         self.train_seconds = 0.0
         self._window_tokens = 0
+        self._window_flops = 0.0
         self._window_start: float | None = None
         self._batch_start: float | None = None
+        self._flops_per_token = None
+        self._peak_flops: float | None = None  # of all devices together
         self.startup_seconds: float | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Find the backbone's FLOPs count and the devices' peak."""
+        self._flops_per_token = getattr(getattr(pl_module, "backbone", None), "flops_per_token", None)
+        peak = (
+            self.peak_tflops * 1e12 if self.peak_tflops else peak_flops(trainer.strategy.root_device, trainer.precision)
+        )
+        self._peak_flops = peak * trainer.world_size if peak else None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         """Start the batch clock."""
@@ -39,25 +58,71 @@ class TokenThroughput(pl.Callback):
             self._window_start = self._batch_start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        """Count the batch's tokens and log the rate over the last few steps."""
+        """Count the batch's tokens (and FLOPs) and log the rates over the last few steps."""
         n = _count_tokens(batch) * trainer.world_size
+        flops = n * self._flops_per_token(_sequence_length(batch)) if self._flops_per_token else 0.0
         now = time.perf_counter()
         self.tokens += n
+        self.flops += flops
         self.train_seconds += now - self._batch_start
         self._window_tokens += n
+        self._window_flops += flops
         if (batch_idx + 1) % self.log_every_n_steps == 0:
-            rate = self._window_tokens / max(now - self._window_start, 1e-9)
-            pl_module.log("train/tokens_per_s", rate, prog_bar=True, rank_zero_only=True)
-            self._window_tokens, self._window_start = 0, now
+            seconds = max(now - self._window_start, 1e-9)
+            pl_module.log("train/tokens_per_s", self._window_tokens / seconds, prog_bar=True, rank_zero_only=True)
+            if self._peak_flops and self._window_flops:
+                pl_module.log("train/mfu", self._window_flops / seconds / self._peak_flops, rank_zero_only=True)
+            self._window_tokens, self._window_flops, self._window_start = 0, 0.0, now
 
     def on_validation_start(self, trainer, pl_module) -> None:
         """Validation time does not count against the training rate."""
-        self._window_tokens, self._window_start = 0, None
+        self._window_tokens, self._window_flops, self._window_start = 0, 0.0, None
 
     @property
     def tokens_per_second(self) -> float:
         """Training tokens per second of training-step time over the whole run."""
         return self.tokens / self.train_seconds if self.train_seconds else 0.0
+
+    @property
+    def mfu(self) -> float | None:
+        """Model FLOPs utilisation over the whole run's training steps; None when it cannot be known."""
+        if not (self._peak_flops and self.flops and self.train_seconds):
+            return None
+        return self.flops / self.train_seconds / self._peak_flops
+
+
+# Dense peak FLOP/s of GPUs that Lightning's table does not name as torch reports them ("NVIDIA H200").
+_MORE_PEAK_FLOPS = {
+    "h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tfloat32": 494.7e12, torch.float32: 66.9e12}
+}
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak dense FLOP/s of one GPU at a Lightning precision (``bf16-mixed``, ``16-mixed``, ``32-true``);
+    None on a CPU or a GPU whose peak is not known."""
+    if device.type != "cuda":
+        return None
+    from lightning_fabric.utilities.throughput import get_available_flops
+
+    precision = str(precision)
+    dtype = (
+        torch.bfloat16
+        if precision.startswith("bf16")
+        else torch.float16
+        if precision.startswith("16")
+        else torch.float32
+    )
+    name = torch.cuda.get_device_name(device).lower()
+    extra = next((table for chip, table in _MORE_PEAK_FLOPS.items() if chip in name), None)
+    if extra is not None and "sxm" not in name and "nvl" not in name:
+        tf32 = dtype is torch.float32 and torch.get_float32_matmul_precision() != "highest"
+        return extra["tfloat32" if tf32 else dtype]
+    return get_available_flops(device, dtype)
+
+
+def _sequence_length(batch) -> int:
+    """Positions per sequence of a batch: a dict with input ids, or (inputs, labels)."""
+    return (batch["input_ids"] if isinstance(batch, dict) else batch[0]).shape[-1]
 
 
 def _count_tokens(batch) -> int:

@@ -189,7 +189,8 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
     stopped_early = _stopped_early(trainer)
     if stopped_early and is_rank_zero():
         log.info("stopped early at step %d of %d: %s", trainer.global_step, trainer.max_steps, stopped_early)
-    metrics = _float_metrics({k: v for k, v in trainer.callback_metrics.items() if not k.endswith("tokens_per_s")})
+    speeds = ("tokens_per_s", "/mfu")  # the record has them over the whole run
+    metrics = _float_metrics({k: v for k, v in trainer.callback_metrics.items() if not k.endswith(speeds)})
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
     if getattr(run.datamodule, "has_test_split", False) and cfg.get("test_after_fit", True):
@@ -221,6 +222,8 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         if run.throughput and trainer.global_step
         else None,
         "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
+        # Model FLOPs utilisation of the training steps, when the backbone and the device's peak are known.
+        "mfu": round(run.throughput.mfu, 4) if run.throughput and run.throughput.mfu else None,
         "startup_s": round(run.throughput.startup_seconds, 2)
         if run.throughput and run.throughput.startup_seconds
         else None,

@@ -68,6 +68,12 @@ class GPT(BlockRunner, nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if exclude_positions else n
 
+    def flops_per_token(self, context: int) -> int:
+        """Training FLOPs (forward and backward) per token at ``context`` tokens, for model FLOPs utilisation:
+        6 per parameter (the head's matrix product counts; position lookups do not) plus 12 per layer, width
+        and attended position (the estimate of the PaLM paper, which nanoGPT's MFU uses too)."""
+        return 6 * self.num_parameters(exclude_positions=True) + 12 * len(self.transformer.h) * self.n_embd * context
+
     def new_cache(self) -> KVCache:
         """An empty key/value cache for :meth:`forward` (incremental decoding)."""
         return KVCache(len(self.transformer.h))
