@@ -104,14 +104,7 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
         return None
     from lightning_fabric.utilities.throughput import get_available_flops
 
-    precision = str(precision)
-    dtype = (
-        torch.bfloat16
-        if precision.startswith("bf16")
-        else torch.float16
-        if precision.startswith("16")
-        else torch.float32
-    )
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(str(precision).split("-")[0], torch.float32)
     name = torch.cuda.get_device_name(device).lower()
     extra = next((table for chip, table in _MORE_PEAK_FLOPS.items() if chip in name), None)
     if extra is not None and "sxm" not in name and "nvl" not in name:

@@ -243,7 +243,7 @@ def _stopped_early(trainer) -> str | None:
     stopper = trainer.early_stopping_callback
     if stopper is None:
         return None
-    message = getattr(stopper, "stopping_reason_message", None)  # Lightning >= 2.5.5 says why
+    message = getattr(stopper, "stopping_reason_message", None)  # recent Lightning says why
     if message is None and stopper.wait_count >= stopper.patience and trainer.global_step < trainer.max_steps:
         message = f"{stopper.monitor} did not improve for {stopper.patience} validations"
     return message
@@ -275,8 +275,9 @@ def _report_start(cfg: DictConfig, run, loggers: list[Any], n_params: int) -> No
 
 def _summary(record: dict[str, Any], run, loggers: list[Any], curves: Path | None) -> None:
     shown = {k: v for k, v in record["metrics"].items() if k.startswith(("val/", "test/", "best_"))}
-    log.info("done in %.1f s (%s steps, %s tokens/s, peak memory %s MB)", record["wall_time_s"], record["steps"],
-             record["tokens_per_s"], record["peak_memory_mb"])  # fmt: skip
+    mfu = f", MFU {record['mfu']:.1%}" if record.get("mfu") else ""
+    log.info("done in %.1f s (%s steps, %s tokens/s%s, peak memory %s MB)", record["wall_time_s"], record["steps"],
+             record["tokens_per_s"], mfu, record["peak_memory_mb"])  # fmt: skip
     log.info("metrics: %s", ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
     if record["best_checkpoint"]:
         log.info("best checkpoint: %s", record["best_checkpoint"])
