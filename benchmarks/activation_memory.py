@@ -26,10 +26,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+
+from throughput import timed_step  # noqa: E402  (this folder is on sys.path when the script runs)
 
 from lmforge.models.gpt import GPT  # noqa: E402
 from lmforge.models.layers import enable_activation_checkpointing  # noqa: E402
@@ -65,14 +66,7 @@ def measure(size: str, checkpointing: bool, steps: int) -> dict[str, float]:
     times = []
     for d in data:
         before = _memory_mb(device, peak=False)  # weights, last step's gradients, AdamW state
-        start = time.perf_counter()
-        loss = F.cross_entropy(model(d[:, :-1]).flatten(0, 1), d[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(timed_step(model, opt, d[:, :-1], d[:, 1:], "fp32", device))
     peak = _memory_mb(device, peak=True)
     return {"peak_mb": peak, "step_mb": peak - before, "step_ms": statistics.median(times[1:]) * 1e3}
 

@@ -64,22 +64,24 @@ def logits_of(model, x):
     return out.logits if hasattr(out, "logits") else out
 
 
+def timed_step(model, opt, x, y, precision: str, device: torch.device) -> float:
+    """Seconds of one training step: forward (under bf16 autocast if asked), loss, backward, optimizer."""
+    start = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = logits_of(model, x)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def step_times(model, batches, precision: str, device: torch.device) -> list[float]:
     """Seconds per optimizer step over the given batches."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    times = []
-    for x, y in batches:
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = logits_of(model, x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
+    return [timed_step(model, opt, x, y, precision, device) for x, y in batches]
 
 
 def table_training(device, repeats, steps, quick) -> tuple[dict[str, float], dict[str, float]]:
