@@ -64,12 +64,16 @@ def logits_of(model, x):
     return out.logits if hasattr(out, "logits") else out
 
 
-def timed_step(model, opt, x, y, precision: str, device: torch.device) -> float:
-    """Seconds of one training step: forward (under bf16 autocast if asked), loss, backward, optimizer."""
+def full_logits_loss(model, x, y) -> torch.Tensor:
+    """Next-token cross-entropy over the whole batch's logits, in fp32."""
+    return F.cross_entropy(logits_of(model, x).float().flatten(0, 1), y.flatten())
+
+
+def timed_step(model, opt, x, y, precision: str, device: torch.device, loss_of=full_logits_loss) -> float:
+    """Seconds of one training step: forward and loss (under bf16 autocast if asked), backward, optimizer."""
     start = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        logits = logits_of(model, x)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss = loss_of(model, x, y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -43,6 +43,7 @@ CASES = [
     ("override-syntax", ["train", "model.n_layer=[1"], {}, r"^Cannot parse an override \(.*\[1'\); see https://hydra\.cc"),
     ("trainer-refuses-value", ["train", "trainer.precision=bogus"], {}, r"^The trainer cannot be built from trainer\.\*: Precision 'bogus' is invalid"),
     ("impossible-pair", ["train", "model=lstm", "task=mlm"], {}, r"needs an encoder backbone; model lstm is an RNN\.$"),
+    ("chunked-loss-compiled", ["train", "compile=true", "task.module.loss_chunk_size=64"], {}, r"^task\.module\.loss_chunk_size cannot be used with compile=true: .*compiled forward\.$"),
     ("checkpointing-an-rnn", ["train", "model=lstm", "task=text-classification", "task.data.path={data}/reviews.csv", "activation_checkpointing=true"], {}, r"^activation_checkpointing=true needs a transformer backbone; lstm has no blocks to checkpoint\.$"),
     ("missing-dataset", ["train", "task=sst2"], {"LMFORGE_DATA": "{empty}"}, r"^Dataset 'sst2' not found: looked in .*glue/sst2.*set LMFORGE_DATA"),
     ("empty-data-file", ["train", "task=text-classification", "task.data.path={data}/empty.csv"], {}, r"^Data file .*empty\.csv is empty"),

@@ -208,6 +208,11 @@ def build_run(
             f"activation_checkpointing=true needs a transformer backbone; {cfg.model.name} has no blocks to checkpoint."
         )
     if cfg.get("compile"):
+        if cfg.task.module.get("loss_chunk_size"):
+            raise LmforgeError(
+                "task.module.loss_chunk_size cannot be used with compile=true: the chunked loss runs the blocks "
+                "outside the backbone's compiled forward."
+            )
         backbone.compile()  # in place: parameter names (and checkpoints) stay the same
     callbacks = [*build_callbacks(cfg), *method.callbacks()]
     try:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchmetrics import MeanMetric
 
 from lmforge.generation import generate
@@ -16,6 +17,35 @@ from lmforge.tasks.base import TaskModule
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
 
 sample_log = logging.getLogger("lmforge.samples")
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``head(hidden)`` against ``labels``, ``chunk_size`` positions at a time.
+
+    The full (positions x vocabulary) logits never exist at once: each chunk's logits are made, scored and
+    dropped, and made again in the backward pass. With GPT-2's 50,257 tokens the logits and their
+    gradient are what dominates a step's memory once activation checkpointing has shrunk the rest.
+
+    Args:
+        hidden: (..., C) final hidden states.
+        head: the output layer, (..., C) -> (..., V).
+        labels: target ids, ``hidden``'s shape without its last dim.
+        chunk_size: positions scored together.
+    """
+    hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, y in zip(hidden.split(chunk_size), labels.split(chunk_size)):
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_summed_cross_entropy, head, h, y, use_reentrant=False)
+        else:
+            total = total + _summed_cross_entropy(head, h, y)
+    return total / labels.numel()
+
+
+def _summed_cross_entropy(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
 
 
 class LanguageModelingTask(TaskModule):
@@ -33,6 +63,8 @@ class LanguageModelingTask(TaskModule):
         sample_prompt: text the samples start from.
         sample_tokens: tokens per sample.
         sample_temperature, sample_top_k: sampling settings for the samples.
+        loss_chunk_size: score the logits this many positions at a time (:func:`chunked_cross_entropy`), so the
+            whole batch's logits are never in memory at once; None scores them all together.
     """
 
     backbone_kinds = ("decoder",)
@@ -50,6 +82,7 @@ class LanguageModelingTask(TaskModule):
         sample_tokens: int = 200,
         sample_temperature: float = 0.8,
         sample_top_k: int | None = 200,
+        loss_chunk_size: int | None = None,
     ):
         super().__init__(optimizer, scheduler)
         self.check_backbone(getattr(backbone, "kind", None), type(backbone).__name__)
@@ -63,6 +96,7 @@ class LanguageModelingTask(TaskModule):
         self.sample_tokens = sample_tokens
         self.sample_temperature = sample_temperature
         self.sample_top_k = sample_top_k
+        self.loss_chunk_size = loss_chunk_size
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self.samples: list[tuple[int, str]] = []
@@ -73,6 +107,9 @@ class LanguageModelingTask(TaskModule):
 
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         input_ids, labels = batch
+        if self.loss_chunk_size:
+            hidden = self.backbone.hidden_states(input_ids)
+            return chunked_cross_entropy(hidden, self.backbone.lm_head, labels, self.loss_chunk_size)
         logits = self.backbone(input_ids)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1))
 
