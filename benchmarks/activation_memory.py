@@ -12,7 +12,7 @@ run. It ends with one line of ``key=value`` pairs.
 
 Checkpointing drops the activations inside the blocks, not the logits: with GPT-2's 50,257-token
 vocabulary the logits and their gradient are a large share of what a step adds at short contexts,
-which the chunked loss (1,024 positions at a time) removes.
+which the chunked loss (256 positions at a time) removes.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _memory_mb(device: torch.device, peak: bool) -> float:
 
 
 # setting: (activation checkpointing, positions per loss chunk or None)
-SETTINGS = {"off": (False, None), "on": (True, None), "on + chunked loss": (True, 1024)}
+SETTINGS = {"off": (False, None), "on": (True, None), "on + chunked loss": (True, 256)}
 
 
 def measure(size: str, setting: str, steps: int) -> dict[str, float]:
