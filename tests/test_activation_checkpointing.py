@@ -33,12 +33,7 @@ def _loss(model, ids):
     """A scalar that depends on every output of the backbone (its logits or hidden states)."""
     mask = torch.ones_like(ids)
     mask[0, -3:] = 0  # padding takes the masked path of every attention layer
-    if isinstance(model, (T5, Transformer)):
-        out = model(ids, mask, ids[:, :-1])
-    elif isinstance(model, Bert):
-        out = model(ids, mask)
-    else:
-        out = model(ids)
+    out = model(ids, mask, ids[:, :-1]) if isinstance(model, (T5, Transformer)) else model(ids, mask)
     return out.float().pow(2).mean()
 
 
