@@ -19,9 +19,7 @@ from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
 sample_log = logging.getLogger("lmforge.samples")
 
 
-def chunked_cross_entropy(
-    hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int
-) -> torch.Tensor:
+def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """Mean next-token cross-entropy of ``head(hidden)`` against ``labels``, ``chunk_size`` positions at a time.
 
     The full (positions x vocabulary) logits never exist at once: each chunk's logits are made, scored and
