@@ -88,17 +88,31 @@ def test_checkpointed_backbone_keeps_far_fewer_activations(name):
     assert ckpt < 0.3 * plain, (ckpt, plain)
 
 
-def test_checkpointing_is_off_without_gradients():
+def test_checkpointing_is_off_without_gradients(monkeypatch):
+    """Validation and generation never pay for the recompute: no checkpoint call in eval or under no_grad."""
+    from lmforge.models import layers
+
+    calls = []
+    monkeypatch.setattr(layers, "checkpoint", lambda fn, *args, **kw: calls.append(fn) or fn(*args))
     model = _gpt()
     enable_activation_checkpointing(model)
     ids = torch.randint(1, VOCAB, (2, 12))
     model.eval()
     with torch.no_grad():
         a = model(ids)
+    model.train()
+    with torch.no_grad():
+        model(ids)
+    assert calls == []
+    model.eval()
     model.activation_checkpointing = False
     with torch.no_grad():
         b = model(ids)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model.train()
+    model.activation_checkpointing = True
+    model(ids)
+    assert len(calls) == 4  # one per block when training with gradients
 
 
 def test_an_rnn_has_no_blocks_to_checkpoint():

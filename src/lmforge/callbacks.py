@@ -42,12 +42,13 @@ class TokenThroughput(pl.Callback):
         self.startup_seconds: float | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        """Find the backbone's FLOPs count and the devices' peak."""
-        self._flops_per_token = getattr(getattr(pl_module, "backbone", None), "flops_per_token", None)
+        """Find the devices' peak and, when there is one, the backbone's FLOPs count (no counting without)."""
         peak = (
             self.peak_tflops * 1e12 if self.peak_tflops else peak_flops(trainer.strategy.root_device, trainer.precision)
         )
         self._peak_flops = peak * trainer.world_size if peak else None
+        backbone = getattr(pl_module, "backbone", None)
+        self._flops_per_token = getattr(backbone, "flops_per_token", None) if self._peak_flops else None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         """Start the batch clock."""
@@ -70,7 +71,7 @@ class TokenThroughput(pl.Callback):
         if (batch_idx + 1) % self.log_every_n_steps == 0:
             seconds = max(now - self._window_start, 1e-9)
             pl_module.log("train/tokens_per_s", self._window_tokens / seconds, prog_bar=True, rank_zero_only=True)
-            if self._peak_flops and self._window_flops:
+            if self._window_flops:
                 pl_module.log("train/mfu", self._window_flops / seconds / self._peak_flops, rank_zero_only=True)
             self._window_tokens, self._window_flops, self._window_start = 0, 0.0, now
 
@@ -86,7 +87,7 @@ class TokenThroughput(pl.Callback):
     @property
     def mfu(self) -> float | None:
         """Model FLOPs utilisation over the whole run's training steps; None when it cannot be known."""
-        if not (self._peak_flops and self.flops and self.train_seconds):
+        if not (self.flops and self.train_seconds):  # no peak, or a backbone that does not count its FLOPs
             return None
         return self.flops / self.train_seconds / self._peak_flops
 
