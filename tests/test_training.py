@@ -31,6 +31,7 @@ RESULT_FIELDS = {
     "wall_time_s",
     "tokens_per_s",
     "command",
+    "world_size",
     "hardware",
 }
 
@@ -71,7 +72,8 @@ def test_default_run_writes_everything_offline(cfg_factory, offline_wandb):
     assert len(lines) == 1
     result = json.loads(lines[0])
     assert set(result) >= RESULT_FIELDS
-    assert result["steps"] == 4 and result["model"] == "gpt2-tiny" and result["task"] == "tinyshakespeare"
+    assert result["steps"] == 4 and result["world_size"] == 1
+    assert result["model"] == "gpt2-tiny" and result["task"] == "tinyshakespeare"
     assert result["metrics"]["val/loss"] > 0 and result["tokens_per_s"] > 0
     assert result["versions"]["torch"] and len(result["git_sha"] or "x" * 40) == 40
 

@@ -6,6 +6,7 @@ import contextlib
 import difflib
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -210,8 +211,10 @@ def _hydra_entry(task_function: Callable[[Any], Any], config_name: str) -> None:
     """Run a Hydra main function, turning user errors into one sentence and exit status 1."""
     import hydra
 
+    from lmforge.distributed import COMMAND_VAR
     from lmforge.sweeps import single_job_argv
 
+    command = os.environ.get(COMMAND_VAR) or shlex.join(sys.argv)  # set: a DDP rank or job of this command
     sys.argv = single_job_argv(sys.argv)  # a DDP rank > 0 of a sweep job runs that job alone
     try:
         check_group_choices(sys.argv[1:])
@@ -238,7 +241,7 @@ def _hydra_entry(task_function: Callable[[Any], Any], config_name: str) -> None:
 
     # Hydra prints its own errors (a typo'd key, a bad override) over several lines unless this is
     # set; set, it raises them here, where they become one sentence like ours.
-    with _environment("HYDRA_FULL_ERROR", "1"):
+    with _environment("HYDRA_FULL_ERROR", "1"), _environment(COMMAND_VAR, command):
         try:
             main()
             return

@@ -5,13 +5,16 @@ Three ways to start several ranks, three ways to share the run dir:
   the command: they inherit ``LMFORGE_RUN_DIR``/``LMFORGE_RUN_ID`` from rank 0.
 - ``torchrun`` starts every rank itself: they share ``TORCHELASTIC_RUN_ID``.
 - SLURM (srun, or the submitit launcher) starts every task itself: they share ``SLURM_JOB_ID``.
+
+``LMFORGE_COMMAND`` carries the user's command line to every process of a run, including sweep
+jobs that submitit runs on other machines, whose own ``sys.argv`` is submitit's.
 """
 
 from __future__ import annotations
 
 import os
 
-RUN_DIR_VAR, RUN_ID_VAR = "LMFORGE_RUN_DIR", "LMFORGE_RUN_ID"
+RUN_DIR_VAR, RUN_ID_VAR, COMMAND_VAR = "LMFORGE_RUN_DIR", "LMFORGE_RUN_ID", "LMFORGE_COMMAND"
 
 
 def global_rank() -> int:

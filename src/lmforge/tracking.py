@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from lmforge.distributed import COMMAND_VAR
 from lmforge.hub import host_reachable
 
 log = logging.getLogger(__name__)
@@ -239,11 +240,12 @@ def run_metadata(seed: int, overrides: list[str] | None = None, git: dict[str, A
         overrides: the Hydra overrides of the job (a sweep job's own, not the whole sweep's).
         git: :func:`git_state` as taken when the run started; None takes it now.
     Returns:
-        ``command`` (``sys.argv``, shell-quoted: ``shlex.split`` gives it back), ``cwd``, ``overrides``,
+        ``command`` (the user's command line, shell-quoted: ``shlex.split`` gives it back; for a
+        sweep job that submitit started, the sweep's command, not submitit's), ``cwd``, ``overrides``,
         ``git_sha``, ``git_dirty``, ``versions``, ``hardware`` and ``seed``.
     """
     return {
-        "command": shlex.join(sys.argv),
+        "command": os.environ.get(COMMAND_VAR) or shlex.join(sys.argv),
         "cwd": os.getcwd(),
         "overrides": list(overrides or []),
         **(git if git is not None else git_state()),

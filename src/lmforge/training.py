@@ -212,6 +212,7 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         "parameters": n_params,
         "trainable_parameters": trainable,
         "device": _device_name(trainer),
+        "world_size": trainer.world_size,  # processes that trained together (DDP ranks on every node)
         "steps": trainer.global_step,
         "stopped_early": stopped_early,  # why early stopping ended the run, else None
         "metrics": metrics,
