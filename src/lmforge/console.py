@@ -65,6 +65,10 @@ def setup_console(quiet: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in IGNORED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    if "SLURM_JOB_ID" not in os.environ:
+        # Lightning's hint to start ranks with srun fires wherever srun is installed (a login node, a
+        # laptop with Slurm's client); it only makes sense inside an allocation.
+        warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system but is not used.*")
 
 
 def log_to_file(run_dir: str | Path) -> logging.Handler:
