@@ -1,8 +1,7 @@
 """Sweeps and DDP on a real Slurm cluster: a throwaway one-node cluster (munge, slurmctld, slurmd).
 
 Skipped where Slurm's daemons are missing (Debian: apt-get install slurmd slurmctld slurm-client
-munge) or the tests do not run as root (the daemons run as the current user, which Slurm allows
-only for root).
+munge) or the tests do not run as root (slurmd, which starts every job step, runs as root here).
 """
 
 from __future__ import annotations
@@ -23,7 +22,8 @@ from test_sweeps import TINY_SWEEP
 
 from conftest import run_cli
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue")
+# What the fixture and submitit call: the daemons, and the client programs.
+PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scancel")
 
 
 def _free_port() -> int:
@@ -68,10 +68,10 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 def slurm_cluster():
     """Start munge and a one-node Slurm cluster; yield the environment that talks to it."""
     # Debian puts the daemons in /usr/sbin, which a non-login PATH may lack.
-    path = {name: shutil.which(name) or shutil.which(name, path="/usr/sbin") for name in DAEMONS}
+    path = {name: shutil.which(name) or shutil.which(name, path="/usr/sbin") for name in PROGRAMS}
     missing = [name for name, found in path.items() if not found]
     if missing or os.geteuid() != 0:
-        pytest.skip(f"needs Slurm's daemons and root (missing: {', '.join(missing) or 'root'})")
+        pytest.skip(f"needs Slurm's programs and root (missing: {', '.join(missing) or 'root'})")
     root = Path(tempfile.mkdtemp(prefix="lmforge-slurm-"))
     (root / "state").mkdir()
     key = root / "munge.key"
