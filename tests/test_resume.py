@@ -1,6 +1,7 @@
 """A stopped or killed run continues where it stopped."""
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -87,3 +88,69 @@ def test_sigkilled_run_resumes_to_the_end_with_one_results_line(tmp_path):
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["steps"] == 120
     assert json.loads(lines[0])["run_dir"] == str(run_dir)
+
+
+def test_a_requeued_slurm_job_resumes_its_run_and_skips_the_finished_one(cfg_factory, monkeypatch):
+    # What an sbatch job sees; Slurm adds SLURM_RESTART_COUNT when it runs the job again after a requeue.
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("ENVIRONMENT", "BATCH")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    job = [*SPLIT, "callbacks.last_checkpoint.every_n_train_steps=2", "+callbacks.crash._target_=conftest.CrashAtStep",
+           "+callbacks.crash.step=5"]  # fmt: skip
+    with pytest.raises(SimulatedCrash):  # preempted after the checkpoint of step 4
+        run_training(cfg_factory(job))
+    (run_dir,) = (Path(cfg_factory(job).paths.output_root) / "runs").iterdir()
+    assert run_dir.name.startswith("slurm-4242-")
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    resumed = run_training(cfg_factory(job))
+    assert resumed["run_dir"] == str(run_dir) and resumed["steps"] == 8
+    assert (run_dir / "csv" / "metrics.part1.csv").is_file()  # it continued the run, it did not start over
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # requeued once more, after the run had finished
+    again = run_training(cfg_factory(job))
+    assert again == json.loads((run_dir / "metrics.json").read_text())
+    results = Path(cfg_factory(job).paths.results_file).read_text().splitlines()
+    assert len(results) == 1  # trained once, recorded once
+
+    # Another run of the same job (a loop in the batch script, the next stage) has a dir of its own.
+    other = run_training(cfg_factory([*SPLIT, "trainer.max_steps=2", "trainer.val_check_interval=2"]))
+    assert other["steps"] == 2 and Path(other["run_dir"]).name.startswith("slurm-4242-")
+    assert other["run_dir"] != str(run_dir)
+
+
+@pytest.mark.parametrize(
+    ("env", "shared"),
+    [
+        ({}, None),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "ENVIRONMENT": "BATCH"}, "slurm-7"),  # sbatch, submitit
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),  # salloc: an interactive shell is not requeued
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}, "slurm-7"),  # srun's tasks must agree on one dir
+        ({"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "abc"}, "torchrun-abc"),
+    ],
+    ids=["alone", "slurm-batch", "salloc", "srun-tasks", "torchrun"],
+)
+def test_which_runs_share_a_dir_name(monkeypatch, env, shared):
+    from lmforge.distributed import shared_run_name
+
+    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "ENVIRONMENT", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert shared_run_name() == shared
+
+
+def test_resume_takes_the_newest_of_last_and_lightnings_slurm_checkpoint(tmp_path):
+    from lmforge.training import resume_checkpoint
+
+    assert resume_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoints").mkdir()
+    last, signalled = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "hpc_ckpt_1.ckpt"
+    last.write_bytes(b"")
+    assert resume_checkpoint(tmp_path) == last
+    signalled.write_bytes(b"")  # saved by Lightning on Slurm's USR1 warning, after the last periodic save
+    os.utime(last, (time.time() - 60, time.time() - 60))
+    assert resume_checkpoint(tmp_path) == signalled
+    os.utime(signalled, (time.time() - 120, time.time() - 120))  # the run went on and saved again
+    assert resume_checkpoint(tmp_path) == last

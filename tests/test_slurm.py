@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 from test_sweeps import TINY_SWEEP
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 # What the fixture and submitit call: the daemons, and the client programs.
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scancel")
@@ -155,3 +156,36 @@ def test_ddp_over_two_slurm_tasks_makes_one_run(tmp_path, slurm_cluster):
     task_logs = sorted((sweep_dir / ".submitit").glob("*/*_log.out"))
     assert len(task_logs) == 2  # one per Slurm task: ranks 0 and 1
     assert any("global_rank=1(2)" in log.read_text() for log in task_logs)
+
+
+@pytest.mark.slow
+def test_a_requeued_slurm_job_resumes_its_run(tmp_path, slurm_cluster):
+    # Long enough that the requeue lands mid-run: a checkpoint every 20 steps, 600 steps in all.
+    longer = [o for o in TINY_SWEEP if not o.startswith(("trainer.max_steps=", "trainer.val_check_interval="))]
+    args = ["-m", *ON_THE_TEST_CLUSTER, *longer, "trainer.max_steps=600", "trainer.val_check_interval=600",
+            "callbacks.last_checkpoint.every_n_train_steps=20", f"paths.output_root={tmp_path}"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **slurm_cluster}
+    sweep = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    slurm = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=30).stdout.strip()  # noqa: E731
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("runs/*/checkpoints/last.ckpt")):
+            assert time.monotonic() < deadline and sweep.poll() is None, "the job never wrote a checkpoint"
+            time.sleep(0.2)
+        job = slurm("squeue", "-h", "-o", "%i")
+        slurm("scontrol", "requeue", job)  # what preemption does: the job is killed and queued again
+        while slurm("squeue", "-h", "-j", job, "-o", "%T") != "PENDING":
+            assert time.monotonic() < deadline, "the requeued job never went back to the queue"
+            time.sleep(0.2)
+        slurm("scontrol", "update", f"JobId={job}", "StartTime=now")  # else Slurm holds it back two minutes
+        _, stderr = sweep.communicate(timeout=300)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 0, stderr[-3000:]
+    (record,) = _records(tmp_path)  # the killed attempt left no record; the resumed one finished the run
+    assert record["steps"] == 600 and record["requeues"] == 1 and record["slurm_job_id"] == job
+    (run_dir,) = (tmp_path / "runs").iterdir()  # the second attempt found the first one's dir
+    assert (run_dir / "csv" / "metrics.part1.csv").is_file()  # and continued its run, not a new one
+    (task_log,) = (tmp_path / "multirun").glob("*/.submitit/*/*_log.out")
+    assert "Slurm requeued this job (restart 1): resuming" in task_log.read_text()

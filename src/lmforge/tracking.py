@@ -4,6 +4,7 @@ the results table and the curves plot."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import netrc
@@ -19,6 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from lmforge.distributed import COMMAND_VAR
 from lmforge.hub import host_reachable
 
@@ -27,20 +30,27 @@ log = logging.getLogger(__name__)
 PACKAGES = ("torch", "pytorch-lightning", "hydra-core", "wandb", "torchmetrics", "datasets", "tokenizers", "lmforge")
 
 
-def make_run_dir(output_root: str | Path, model: str, task: str, shared_name: str | None = None) -> tuple[str, Path]:
+def make_run_dir(
+    output_root: str | Path, model: str, task: str, shared_name: str | None = None, config_digest: str = ""
+) -> tuple[str, Path]:
     """Create a new, unique run directory ``<root>/runs/<date>/<time>-<model>-<task>-<random>``.
 
     Args:
         shared_name: set when every rank of a job calls this (torchrun, SLURM): the run dir is
-            then ``<root>/runs/<shared_name>-<model>-<task>``, the same for all of them.
+            then ``<root>/runs/<shared_name>-<model>-<task>-<config_digest>``, the same for all of
+            them, and for the same job when Slurm requeues it.
+        config_digest: :func:`config_digest` of the run's config; it tells apart the runs of one job
+            (stages, sweep points, a loop in a batch script).
     Returns:
         (run id, run directory). The random suffix keeps two runs started in the
         same second apart.
     """
     if shared_name:
-        run_dir = Path(output_root).resolve() / "runs" / f"{shared_name}-{model}-{task}"
+        run_dir = (
+            Path(output_root).resolve() / "runs" / "-".join(filter(None, (shared_name, model, task, config_digest)))
+        )
         run_dir.mkdir(parents=True, exist_ok=True)
-        return shared_name, run_dir
+        return "-".join(filter(None, (shared_name, config_digest))), run_dir
     now = datetime.now()
     while True:
         run_id = f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
@@ -52,6 +62,12 @@ def make_run_dir(output_root: str | Path, model: str, task: str, shared_name: st
             return run_id, run_dir
         except FileExistsError:
             continue
+
+
+def config_digest(cfg) -> str:
+    """Six hex digits that name a config as composed, before anything is resolved: the same in every
+    rank of a job and in a requeued job, different when one override differs."""
+    return hashlib.sha1(OmegaConf.to_yaml(cfg, resolve=False).encode()).hexdigest()[:6]
 
 
 def wandb_has_credentials() -> bool:

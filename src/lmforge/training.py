@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -14,7 +15,7 @@ from lmforge import tracking
 from lmforge.compose import build_finetune, build_loggers, build_run, check_pairing
 from lmforge.console import log_to_file, setup_console
 from lmforge.data.tokenizers import load_tokenizer, save_tokenizer
-from lmforge.distributed import RUN_DIR_VAR, RUN_ID_VAR, is_rank_zero, shared_run_name
+from lmforge.distributed import RUN_DIR_VAR, RUN_ID_VAR, is_rank_zero, shared_run_name, slurm_restarts
 from lmforge.errors import LmforgeError
 from lmforge.finetune import describe_trainable
 from lmforge.pretrained_weights import resolve_pretrained
@@ -39,16 +40,26 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     """
     setup_console(quiet=not is_rank_zero())
     stopwatch = tracking.Stopwatch()
+    shared_name = shared_run_name()
     if cfg.get("resume"):
         cfg = resumed_config(cfg.resume, command_line_overrides())
         run_id, run_dir = cfg.run_id, Path(cfg.paths.run_dir)
+    elif shared_name:  # every rank of the job, and the job again after a requeue, name the same dir
+        run_id, run_dir = tracking.make_run_dir(
+            cfg.paths.output_root, cfg.model.name, cfg.task.name, shared_name, tracking.config_digest(cfg)
+        )
+        if slurm_restarts():
+            if (run_dir / "metrics.json").is_file():
+                log.info("run dir: %s finished before Slurm requeued this job; not training it again", run_dir)
+                return json.loads((run_dir / "metrics.json").read_text())
+            if resume_checkpoint(run_dir):
+                log.info("Slurm requeued this job (restart %d): resuming the run it had started", slurm_restarts())
+                cfg = resumed_config(str(run_dir), [])
     elif not is_rank_zero() and os.environ.get(RUN_DIR_VAR):
         # A DDP worker started by Lightning: join the run dir that rank 0 made.
         run_id, run_dir = os.environ[RUN_ID_VAR], Path(os.environ[RUN_DIR_VAR])
     else:
-        run_id, run_dir = tracking.make_run_dir(
-            cfg.paths.output_root, cfg.model.name, cfg.task.name, shared_name=shared_run_name()
-        )
+        run_id, run_dir = tracking.make_run_dir(cfg.paths.output_root, cfg.model.name, cfg.task.name)
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
         cfg.run_id = run_id
@@ -111,9 +122,10 @@ def resumed_config(resume: str, overrides: list[str]) -> DictConfig:
     run_dir = Path(resume).expanduser().resolve()
     if not (run_dir / "config.yaml").is_file():
         raise LmforgeError(f"Cannot resume {run_dir}: it is not a run directory (no config.yaml in it).")
-    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+    checkpoint = resume_checkpoint(run_dir)
+    if checkpoint is None:
         raise LmforgeError(f"Cannot resume {run_dir}: it has no checkpoints/last.ckpt yet; start a new run instead.")
-    load_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # a damaged file fails here, in one sentence
+    load_checkpoint(checkpoint)  # a damaged file fails here, in one sentence
     cfg = OmegaConf.load(run_dir / "config.yaml")
     dotted = [o.lstrip("+") for o in overrides if "=" in o and "." in o.split("=", 1)[0]]
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
@@ -122,10 +134,18 @@ def resumed_config(resume: str, overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """The newest state a run dir can resume from: ``checkpoints/last.ckpt``, or the ``hpc_ckpt_<n>.ckpt``
+    that Lightning saves when Slurm sends the USR1 signal of ``sbatch --signal=USR1@90``; None when neither exists."""
+    saved = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    return max((p for p in saved if p.is_file()), key=lambda p: p.stat().st_mtime, default=None)
+
+
 def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.Stopwatch) -> dict[str, Any]:
     resuming = bool(cfg.get("resume"))
     last_ckpt = run_dir / "checkpoints" / "last.ckpt"
-    log.info("run dir: %s%s", run_dir, " (resuming from checkpoints/last.ckpt)" if resuming else "")
+    start_from = resume_checkpoint(run_dir) if resuming else None
+    log.info("run dir: %s%s", run_dir, f" (resuming from {start_from.relative_to(run_dir)})" if resuming else "")
     # A resumed run has its weights in last.ckpt already, except the frozen base of adapter methods (LoRA...),
     # which its checkpoints leave out: init_from and model.pretrained start a new run or bring that base back.
     load_start = not resuming or build_finetune(cfg).adds_weights
@@ -184,7 +204,7 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
     if is_rank_zero():
         _report_start(cfg, run, loggers, n_params)
 
-    trainer.fit(run.task, datamodule=run.datamodule, ckpt_path=str(last_ckpt) if resuming else None, weights_only=True)
+    trainer.fit(run.task, datamodule=run.datamodule, ckpt_path=str(start_from) if resuming else None, weights_only=True)
     trainer.save_checkpoint(last_ckpt)  # the periodic last.ckpt may be older than the final step
     stopped_early = _stopped_early(trainer)
     if stopped_early and is_rank_zero():
@@ -213,6 +233,8 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         "trainable_parameters": trainable,
         "device": _device_name(trainer),
         "world_size": trainer.world_size,  # processes that trained together (DDP ranks on every node)
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "requeues": slurm_restarts(),  # how often Slurm requeued the job before this run finished
         "steps": trainer.global_step,
         "stopped_early": stopped_early,  # why early stopping ended the run, else None
         "metrics": metrics,
