@@ -154,3 +154,39 @@ def test_resume_takes_the_newest_of_last_and_lightnings_slurm_checkpoint(tmp_pat
     assert resume_checkpoint(tmp_path) == signalled
     os.utime(signalled, (time.time() - 120, time.time() - 120))  # the run went on and saved again
     assert resume_checkpoint(tmp_path) == last
+
+
+@requires_data
+@pytest.mark.slow
+def test_a_requeued_two_stage_job_skips_the_finished_stage_and_resumes_the_other(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    # An sbatch job that runs both stages; Slurm kills it during the second and runs it again.
+    batch_job = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "1", "ENVIRONMENT": "BATCH", "SLURM_RESTART_COUNT": None}
+    args = ["experiment=sst2-pretrain-finetune", "model=bert-tiny", "task.data.batch_size=8", "trainer.max_steps=60",
+            "trainer.val_check_interval=60", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+            "callbacks.last_checkpoint.every_n_train_steps=5", "logger=none", f"paths.output_root={tmp_path}"]  # fmt: skip
+    env = {k: v for k, v in {**os.environ, **batch_job}.items() if v is not None}
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+    while not list(tmp_path.glob("runs/slurm-77-bert-tiny-sst2-*/checkpoints/last.ckpt")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the job ended before it could be killed"
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1  # the first stage had finished
+
+    result = run_cli(args, env={**batch_job, "SLURM_RESTART_COUNT": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    assert "finished before Slurm requeued this job" in output  # the first stage is not trained again
+    assert "resuming the run it had started" in output
+    pretrain, finetune = (json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines())
+    assert (pretrain["task"], pretrain["requeues"]) == ("mlm", 0)
+    assert (finetune["task"], finetune["steps"], finetune["requeues"]) == ("sst2", 60, 1)
+    assert "(resuming from checkpoints/last.ckpt)" in (Path(finetune["run_dir"]) / "train.log").read_text()
+    assert len(list((tmp_path / "runs").iterdir())) == 2  # the same two run dirs, no new ones
