@@ -3,13 +3,15 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY, SimulatedCrash, requires_data, run_cli
+from conftest import REPO, TINY, SimulatedCrash, requires_data, run_cli
 from lmforge.errors import LmforgeError
 from lmforge.training import run_training
 
@@ -62,24 +64,24 @@ def test_resume_of_something_that_is_not_a_run_dir_is_one_sentence(cfg_factory, 
         run_training(cfg_factory([f"resume={tmp_path}"]))
 
 
-@pytest.mark.slow
-def test_sigkilled_run_resumes_to_the_end_with_one_results_line(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
-    args = ["experiment=shakespeare-char", "logger=none", "trainer.max_steps=120", "trainer.val_check_interval=60",
-            "trainer.limit_val_batches=2", "callbacks.last_checkpoint.every_n_train_steps=10",
-            f"paths.output_root={tmp_path}"]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO,
+def kill_once_checkpointed(args: list[str], root: Path, checkpoint: str, env: dict[str, str] | None = None) -> None:
+    """Start ``train.py <args>`` and SIGKILL it as soon as a file under ``root`` matches the glob ``checkpoint``."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while not list(tmp_path.glob("runs/*/*/checkpoints/last.ckpt")) and time.time() < deadline:
+    deadline = time.time() + 240
+    while not list(root.glob(checkpoint)) and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_end_with_one_results_line(tmp_path):
+    args = ["experiment=shakespeare-char", "logger=none", "trainer.max_steps=120", "trainer.val_check_interval=60",
+            "trainer.limit_val_batches=2", "callbacks.last_checkpoint.every_n_train_steps=10",
+            f"paths.output_root={tmp_path}"]  # fmt: skip
+    kill_once_checkpointed(args, tmp_path, "runs/*/*/checkpoints/last.ckpt")
     run_dir = next(tmp_path.glob("runs/*/*"))
     assert not (tmp_path / "results.jsonl").exists()
 
@@ -159,25 +161,13 @@ def test_resume_takes_the_newest_of_last_and_lightnings_slurm_checkpoint(tmp_pat
 @requires_data
 @pytest.mark.slow
 def test_a_requeued_two_stage_job_skips_the_finished_stage_and_resumes_the_other(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
     # An sbatch job that runs both stages; Slurm kills it during the second and runs it again.
     batch_job = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "1", "ENVIRONMENT": "BATCH", "SLURM_RESTART_COUNT": None}
     args = ["experiment=sst2-pretrain-finetune", "model=bert-tiny", "task.data.batch_size=8", "trainer.max_steps=60",
             "trainer.val_check_interval=60", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
             "callbacks.last_checkpoint.every_n_train_steps=5", "logger=none", f"paths.output_root={tmp_path}"]  # fmt: skip
     env = {k: v for k, v in {**os.environ, **batch_job}.items() if v is not None}
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 240
-    while not list(tmp_path.glob("runs/slurm-77-bert-tiny-sst2-*/checkpoints/last.ckpt")) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the job ended before it could be killed"
+    kill_once_checkpointed(args, tmp_path, "runs/slurm-77-bert-tiny-sst2-*/checkpoints/last.ckpt", env)
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1  # the first stage had finished
 
     result = run_cli(args, env={**batch_job, "SLURM_RESTART_COUNT": "1"})
