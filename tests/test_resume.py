@@ -180,3 +180,26 @@ def test_a_requeued_two_stage_job_skips_the_finished_stage_and_resumes_the_other
     assert (finetune["task"], finetune["steps"], finetune["requeues"]) == ("sst2", 60, 1)
     assert "(resuming from checkpoints/last.ckpt)" in (Path(finetune["run_dir"]) / "train.log").read_text()
     assert len(list((tmp_path / "runs").iterdir())) == 2  # the same two run dirs, no new ones
+
+
+@pytest.mark.slow
+def test_a_killed_ddp_run_resumes_to_where_an_uninterrupted_one_ends(tmp_path):
+    # Two gloo ranks; the kill lands early in the first epoch, so the resumed ranks must skip part of it.
+    ddp = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "experiment=shakespeare-char", "logger=none",
+           "trainer.max_steps=60", "trainer.val_check_interval=60", "trainer.limit_val_batches=2",
+           "task.module.num_samples=0", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+           "callbacks.last_checkpoint.every_n_train_steps=10"]  # fmt: skip
+    straight = run_cli([*ddp, f"paths.output_root={tmp_path / 'straight'}"])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    kill_once_checkpointed(
+        [*ddp, f"paths.output_root={tmp_path / 'killed'}"], tmp_path, "killed/runs/*/*/checkpoints/last.ckpt"
+    )
+    run_dir = next(tmp_path.glob("killed/runs/*/*"))
+
+    resumed = run_cli([f"resume={run_dir}"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (expected,) = (json.loads(line) for line in (tmp_path / "straight" / "results.jsonl").read_text().splitlines())
+    (record,) = (json.loads(line) for line in (tmp_path / "killed" / "results.jsonl").read_text().splitlines())
+    assert record["steps"] == 60 and record["world_size"] == 2
+    for key in ("train/loss", "val/loss"):
+        assert record["metrics"][key] == pytest.approx(expected["metrics"][key], abs=1e-4), key

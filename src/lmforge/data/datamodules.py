@@ -11,7 +11,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from lmforge.data.tokenizers import encode_text, tokenizer_fingerprint
 
@@ -42,7 +42,7 @@ class TokenWindows(Dataset):
         return window[:-1], window[1:]
 
 
-class ResumableShuffleSampler(Sampler[int]):
+class ResumableShuffleSampler(DistributedSampler):
     """A fresh permutation every epoch, drawn from ``(seed, epoch)`` alone, that can start part-way.
 
     Because the order depends only on the seed and the epoch, a resumed run can skip the
@@ -51,17 +51,30 @@ class ResumableShuffleSampler(Sampler[int]):
     With ``lengths``, each run of ``batch_size`` consecutive indices holds examples of similar
     length (sorted within random pools of 50 batches, the batches then shuffled): far less
     padding, the same examples per epoch.
+
+    Under DDP each of ``num_replicas`` ranks takes every ``num_replicas``-th index of the
+    permutation (padded to a multiple of them), as Lightning's own distributed sampler would. It is
+    a ``DistributedSampler`` so that Lightning does not wrap it: the wrapper expects a sampler to
+    yield ``len(sampler)`` indices, which a resumed one does not.
     """
 
     POOL_BATCHES = 50
 
-    def __init__(self, length: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1):
+    def __init__(
+        self,
+        length: int,
+        seed: int,
+        lengths: list[int] | None = None,
+        batch_size: int = 1,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=False)
         self.length = length
         self.seed = seed
         self.lengths = lengths
         self.batch_size = batch_size
-        self.epoch = 0
-        self.skip = 0
+        self.skip = 0  # indices of this rank that the checkpointed epoch already trained on
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch."""
@@ -72,6 +85,9 @@ class ResumableShuffleSampler(Sampler[int]):
         order = torch.randperm(self.length, generator=generator).tolist()
         if self.lengths is not None:
             order = self._bucketed(order, generator)
+        if self.num_replicas > 1:
+            order += order[: self.total_size - self.length]  # every rank gets as many batches
+            order = order[self.rank :: self.num_replicas]
         order = order[self.skip :]
         self.skip = 0  # only the first epoch after a resume starts part-way
         return iter(order)
@@ -85,23 +101,21 @@ class ResumableShuffleSampler(Sampler[int]):
         shuffled = torch.randperm(len(batches), generator=generator).tolist()
         return [index for b in shuffled for index in batches[b]]
 
-    def __len__(self) -> int:
-        return self.length
-
 
 def resumable_sampler(
     length: int, seed: int, batch_size: int, trainer: pl.Trainer | None, lengths: list[int] | None = None
 ) -> ResumableShuffleSampler:
-    """The training sampler; after a resume it skips what the checkpointed epoch already trained on.
+    """The training sampler (this rank's share under DDP); after a resume it skips what the
+    checkpointed epoch already trained on.
 
     Call it from ``train_dataloader``, which Lightning calls after restoring its loop counters.
     ``lengths`` (one per example) makes batches of similar lengths.
     """
-    sampler = ResumableShuffleSampler(length, seed, lengths, batch_size)
-    if trainer is not None:
-        # "processed": a checkpoint written in on_train_batch_end has not counted that batch as completed yet.
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        sampler.skip = progress.processed * batch_size * trainer.world_size
+    if trainer is None:
+        return ResumableShuffleSampler(length, seed, lengths, batch_size)
+    sampler = ResumableShuffleSampler(length, seed, lengths, batch_size, trainer.world_size, trainer.global_rank)
+    # "processed": a checkpoint written in on_train_batch_end has not counted that batch as completed yet.
+    sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed * batch_size
     return sampler
 
 
