@@ -48,12 +48,13 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         run_id, run_dir = tracking.make_run_dir(
             cfg.paths.output_root, cfg.model.name, cfg.task.name, shared_name, tracking.config_digest(cfg)
         )
-        if slurm_restarts():
+        restarts = slurm_restarts()
+        if restarts:
             if (run_dir / "metrics.json").is_file():
                 log.info("run dir: %s finished before Slurm requeued this job; not training it again", run_dir)
                 return json.loads((run_dir / "metrics.json").read_text())
             if resume_checkpoint(run_dir):
-                log.info("Slurm requeued this job (restart %d): resuming the run it had started", slurm_restarts())
+                log.info("Slurm requeued this job (restart %d): resuming the run it had started", restarts)
                 cfg = resumed_config(str(run_dir), [])
     elif not is_rank_zero() and os.environ.get(RUN_DIR_VAR):
         # A DDP worker started by Lightning: join the run dir that rank 0 made.

@@ -76,11 +76,7 @@ class ResumableShuffleSampler(DistributedSampler):
         self.batch_size = batch_size
         self.skip = 0  # indices of this rank that the checkpointed epoch already trained on
 
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at the start of every epoch."""
-        self.epoch = epoch
-
-    def __iter__(self):
+    def __iter__(self):  # DistributedSampler.set_epoch, which Lightning calls every epoch, sets self.epoch
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.length, generator=generator).tolist()
         if self.lengths is not None:
