@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 # Under pytest-xdist each worker gets its share of the cores, for itself and the runs it starts:
@@ -81,6 +84,40 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, cwd: Path | None
         text=True,
         timeout=timeout,
     )
+
+
+@contextmanager
+def torchrun_nodes(launcher_args: list[list[str]], args: list[str], env: dict[str, str] | None = None):
+    """Start ``torchrun <launcher_args[i]> train.py <args>`` for each i, an agent standing for a node.
+
+    Yields the agents' processes (output in ``.stdout``); on the way out, kills what still runs of
+    them and of their workers, so that a hung job does not outlive its test.
+    """
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", *node_args, str(REPO / "train.py"), *args],
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # a process group of its own, workers included
+        )
+        for node_args in launcher_args
+    ]
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            with suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a rendezvous)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 class SimulatedCrash(RuntimeError):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, SimulatedCrash, requires_data, run_cli
+from conftest import REPO, TINY, SimulatedCrash, free_port, requires_data, run_cli, torchrun_nodes
 from lmforge.errors import LmforgeError
 from lmforge.training import run_training
 
@@ -122,6 +122,9 @@ def test_a_requeued_slurm_job_resumes_its_run_and_skips_the_finished_one(cfg_fac
     assert other["run_dir"] != str(run_dir)
 
 
+TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "MASTER_ADDR", "MASTER_PORT")
+
+
 @pytest.mark.parametrize(
     ("env", "shared"),
     [
@@ -130,17 +133,79 @@ def test_a_requeued_slurm_job_resumes_its_run_and_skips_the_finished_one(cfg_fac
         ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),  # salloc: an interactive shell is not requeued
         ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}, "slurm-7"),  # srun's tasks must agree on one dir
         ({"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "abc"}, "torchrun-abc"),
+        ({"WORLD_SIZE": "1", "TORCHELASTIC_RUN_ID": "abc"}, "torchrun-abc"),  # one worker, which torchrun may restart
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "ENVIRONMENT": "BATCH", "TORCHELASTIC_RUN_ID": "abc"}, "slurm-7"),
+        ({"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "none"}, None),  # no --rdzv_id and no agent store to agree through
     ],
-    ids=["alone", "slurm-batch", "salloc", "srun-tasks", "torchrun"],
+    ids=["alone", "slurm-batch", "salloc", "srun-tasks", "torchrun", "torchrun-1", "torchrun-in-sbatch", "no-rdzv-id"],
 )
 def test_which_runs_share_a_dir_name(monkeypatch, env, shared):
     from lmforge.distributed import shared_run_name
 
-    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "ENVIRONMENT", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+    for var in (*TORCHRUN_VARS, "SLURM_JOB_ID", "SLURM_NTASKS", "ENVIRONMENT", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():
         monkeypatch.setenv(var, value)
     assert shared_run_name() == shared
+
+
+def test_torchrun_ranks_without_an_rdzv_id_agree_on_a_name_through_its_store(monkeypatch):
+    from torch.distributed import TCPStore
+
+    from lmforge.distributed import shared_run_name
+
+    names = []
+    for _launch in range(2):
+        agent_store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # what torchrun's agent hosts
+        env = {"TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(agent_store.port)}  # fmt: skip
+        for var, value in env.items():
+            monkeypatch.setenv(var, value)
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+        ranks = {shared_run_name() for _rank in range(3)}  # each call asks as a rank of its own would
+        assert len(ranks) == 1
+        names.append(ranks.pop())
+        del agent_store
+    assert all(name.startswith("torchrun-") and len(name) == len("torchrun-") + 8 for name in names)
+    assert names[0] != names[1]  # another launch, another name
+
+
+def child_processes(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux)."""
+    children = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            if f"PPid:\t{pid}\n" in status.read_text():
+                children.append(int(status.parent.name))
+        except OSError:  # the process ended meanwhile
+            pass
+    return children
+
+
+@pytest.mark.slow
+def test_a_node_whose_worker_dies_under_torchrun_max_restarts_resumes_the_run(tmp_path):
+    """Two torchrun agents (two nodes, c10d rendezvous); a worker of the second dies mid-run. torchrun
+    restarts the workers of both nodes, and they resume from the run's checkpoint, in its run dir."""
+    args = ["trainer=ddp", "trainer.num_nodes=2", "trainer.devices=1", "trainer.accelerator=cpu",
+            "experiment=shakespeare-char", "logger=none", "trainer.max_steps=200", "trainer.val_check_interval=100",
+            "trainer.limit_val_batches=2", "task.module.num_samples=0", "model.n_layer=1", "model.n_embd=32",
+            "model.n_head=2", "callbacks.last_checkpoint.every_n_train_steps=10", f"paths.output_root={tmp_path}"]  # fmt: skip
+    rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--max_restarts=1", "--rdzv_backend=c10d",
+                  f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=job7"]  # fmt: skip
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # else restarted workers cannot connect (pytorch#135712)
+    with torchrun_nodes([rendezvous, rendezvous], args, env) as nodes:
+        deadline = time.time() + 240
+        while not list(tmp_path.glob("runs/*/checkpoints/last.ckpt")) and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(child_processes(nodes[1].pid)[0], signal.SIGKILL)
+        outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "torchrun restarted this job: resuming the run it had started" in "".join(outputs)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("torchrun-job7-")
+    (record,) = (json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines())
+    assert (record["steps"], record["world_size"], record["run_dir"]) == (200, 2, str(run_dir))
+    assert "(resuming from checkpoints/last.ckpt)" in (run_dir / "train.log").read_text()
 
 
 def test_resume_takes_the_newest_of_last_and_lightnings_slurm_checkpoint(tmp_path):

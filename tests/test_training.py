@@ -206,6 +206,25 @@ def test_torchrun_ranks_share_one_run_dir(tmp_path):
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1
 
 
+@pytest.mark.slow
+def test_two_torchrun_nodes_without_an_rdzv_id_share_one_run_dir(tmp_path):
+    """Two torchrun agents on this machine stand for two nodes (static rendezvous at --master_addr,
+    no --rdzv_id): their ranks must still agree on one run dir, with nothing left by the second node."""
+    from conftest import free_port, torchrun_nodes
+
+    args = ["experiment=shakespeare-char", "trainer=ddp", "trainer.num_nodes=2", "trainer.devices=1",
+            "trainer.accelerator=cpu", "trainer.max_steps=6", "trainer.val_check_interval=6",
+            "trainer.limit_val_batches=2", "logger=none", "task.module.num_samples=0", f"paths.output_root={tmp_path}"]  # fmt: skip
+    rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    with torchrun_nodes([[*rendezvous, f"--node_rank={rank}"] for rank in (0, 1)], args) as nodes:
+        outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("torchrun-")
+    (record,) = (json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines())
+    assert record["world_size"] == 2 and record["steps"] == 6 and record["run_dir"] == str(run_dir)
+
+
 def test_early_stopping_ends_the_run_and_says_so(cfg_factory):
     """A min_delta that nothing meets: the first validation sets the best, the second ends the run."""
     record = run_training(cfg_factory([*TINY, "trainer.max_steps=12", "callbacks=[default,early-stopping]",

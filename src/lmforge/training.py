@@ -15,7 +15,15 @@ from lmforge import tracking
 from lmforge.compose import build_finetune, build_loggers, build_run, check_pairing
 from lmforge.console import log_to_file, setup_console
 from lmforge.data.tokenizers import load_tokenizer, save_tokenizer
-from lmforge.distributed import RUN_DIR_VAR, RUN_ID_VAR, is_rank_zero, shared_run_name, slurm_restarts
+from lmforge.distributed import (
+    RUN_DIR_VAR,
+    RUN_ID_VAR,
+    is_rank_zero,
+    shared_run_name,
+    slurm_restarts,
+    torchrun_may_restart,
+    torchrun_restart_caveat,
+)
 from lmforge.errors import LmforgeError
 from lmforge.finetune import describe_trainable
 from lmforge.pretrained_weights import resolve_pretrained
@@ -41,20 +49,22 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     setup_console(quiet=not is_rank_zero())
     stopwatch = tracking.Stopwatch()
     shared_name = shared_run_name()
+    if is_rank_zero() and (caveat := torchrun_restart_caveat()):
+        log.warning(caveat)
     if cfg.get("resume"):
         cfg = resumed_config(cfg.resume, command_line_overrides())
         run_id, run_dir = cfg.run_id, Path(cfg.paths.run_dir)
-    elif shared_name:  # every rank of the job, and the job again after a requeue, name the same dir
+    elif shared_name:  # every rank of the job, and the job again after a requeue or restart, name the same dir
         run_id, run_dir = tracking.make_run_dir(
             cfg.paths.output_root, cfg.model.name, cfg.task.name, shared_name, tracking.config_digest(cfg)
         )
-        restarts = slurm_restarts()
-        if restarts:
+        if slurm_restarts() or torchrun_may_restart():  # a dir made by this job's earlier attempt, if any
+            launcher = "Slurm requeued" if slurm_restarts() else "torchrun restarted"
             if (run_dir / "metrics.json").is_file():
-                log.info("run dir: %s finished before Slurm requeued this job; not training it again", run_dir)
+                log.info("run dir: %s finished before %s this job; not training it again", run_dir, launcher)
                 return json.loads((run_dir / "metrics.json").read_text())
             if resume_checkpoint(run_dir):
-                log.info("Slurm requeued this job (restart %d): resuming the run it had started", restarts)
+                log.info("%s this job: resuming the run it had started", launcher)
                 cfg = resumed_config(str(run_dir), [])
     elif not is_rank_zero() and os.environ.get(RUN_DIR_VAR):
         # A DDP worker started by Lightning: join the run dir that rank 0 made.
