@@ -113,6 +113,8 @@ def test_a_requeued_slurm_job_resumes_its_run_and_skips_the_finished_one(cfg_fac
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # requeued once more, after the run had finished
     again = run_training(cfg_factory(job))
     assert again == json.loads((run_dir / "metrics.json").read_text())
+    monkeypatch.delenv("SLURM_RESTART_COUNT")  # the same command a second time in the batch script
+    assert run_training(cfg_factory(job)) == again  # nothing written over
     results = Path(cfg_factory(job).paths.results_file).read_text().splitlines()
     assert len(results) == 1  # trained once, recorded once
 
@@ -200,7 +202,7 @@ def test_a_node_whose_worker_dies_under_torchrun_max_restarts_resumes_the_run(tm
         os.kill(child_processes(nodes[1].pid)[0], signal.SIGKILL)
         outputs = [node.communicate(timeout=240)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    assert "torchrun restarted this job: resuming the run it had started" in "".join(outputs)
+    assert "an earlier attempt of this job started this run: resuming it" in "".join(outputs)
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith("torchrun-job7-")
     (record,) = (json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines())
@@ -238,8 +240,8 @@ def test_a_requeued_two_stage_job_skips_the_finished_stage_and_resumes_the_other
     result = run_cli(args, env={**batch_job, "SLURM_RESTART_COUNT": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     output = result.stdout + result.stderr
-    assert "finished before Slurm requeued this job" in output  # the first stage is not trained again
-    assert "resuming the run it had started" in output
+    assert "finished in an earlier attempt of this job" in output  # the first stage is not trained again
+    assert "an earlier attempt of this job started this run: resuming it" in output
     pretrain, finetune = (json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines())
     assert (pretrain["task"], pretrain["requeues"]) == ("mlm", 0)
     assert (finetune["task"], finetune["steps"], finetune["requeues"]) == ("sst2", 60, 1)

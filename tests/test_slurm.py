@@ -188,4 +188,4 @@ def test_a_requeued_slurm_job_resumes_its_run(tmp_path, slurm_cluster):
     (run_dir,) = (tmp_path / "runs").iterdir()  # the second attempt found the first one's dir
     assert (run_dir / "csv" / "metrics.part1.csv").is_file()  # and continued its run, not a new one
     (task_log,) = (tmp_path / "multirun").glob("*/.submitit/*/*_log.out")
-    assert "Slurm requeued this job: resuming" in task_log.read_text()
+    assert "an earlier attempt of this job started this run: resuming it" in task_log.read_text()

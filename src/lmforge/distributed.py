@@ -47,18 +47,9 @@ def slurm_restarts() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT") or 0) if in_slurm_batch_job() else 0
 
 
-def torchrun_may_restart() -> bool:
-    """True under ``torchrun --max_restarts=N``, which may run this job's command again in the same run dirs.
-
-    Not the restart count: each node's agent keeps its own, and the healthy nodes of a job restart
-    their workers, with their count unchanged, when a failed node's workers rejoin.
-    """
-    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS") or 0) > 0
-
-
 def torchrun_restart_caveat() -> str | None:
     """Why torchrun's restarts of failed workers would not resume this job, or None when they would."""
-    if not torchrun_may_restart():
+    if not int(os.environ.get("TORCHELASTIC_MAX_RESTARTS") or 0):
         return None
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # Workers share the rendezvous' store, which keeps the keys of the attempt that failed (pytorch#135712).

@@ -38,7 +38,7 @@ def make_run_dir(
     Args:
         shared_name: set when every rank of a job calls this (torchrun, SLURM): the run dir is
             then ``<root>/runs/<shared_name>-<model>-<task>-<config_digest>``, the same for all of
-            them, and for the same job when Slurm requeues it.
+            them, and for the same job when it runs again (a Slurm requeue, a torchrun restart).
         config_digest: :func:`config_digest` of the run's config; it tells apart the runs of one job
             (stages, sweep points, a loop in a batch script).
     Returns:

@@ -21,7 +21,6 @@ from lmforge.distributed import (
     is_rank_zero,
     shared_run_name,
     slurm_restarts,
-    torchrun_may_restart,
     torchrun_restart_caveat,
 )
 from lmforge.errors import LmforgeError
@@ -58,14 +57,14 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         run_id, run_dir = tracking.make_run_dir(
             cfg.paths.output_root, cfg.model.name, cfg.task.name, shared_name, tracking.config_digest(cfg)
         )
-        if slurm_restarts() or torchrun_may_restart():  # a dir made by this job's earlier attempt, if any
-            launcher = "Slurm requeued" if slurm_restarts() else "torchrun restarted"
-            if (run_dir / "metrics.json").is_file():
-                log.info("run dir: %s finished before %s this job; not training it again", run_dir, launcher)
-                return json.loads((run_dir / "metrics.json").read_text())
-            if resume_checkpoint(run_dir):
-                log.info("%s this job: resuming the run it had started", launcher)
-                cfg = resumed_config(str(run_dir), [])
+        # The dir may hold this run from an earlier attempt of the job (a Slurm requeue, a torchrun
+        # restart, its command run again): continue it rather than write over it.
+        if (run_dir / "metrics.json").is_file():
+            log.info("run dir: %s finished in an earlier attempt of this job; not training it again", run_dir)
+            return json.loads((run_dir / "metrics.json").read_text())
+        if resume_checkpoint(run_dir):
+            log.info("an earlier attempt of this job started this run: resuming it")
+            cfg = resumed_config(str(run_dir), [])
     elif not is_rank_zero() and os.environ.get(RUN_DIR_VAR):
         # A DDP worker started by Lightning: join the run dir that rank 0 made.
         run_id, run_dir = os.environ[RUN_ID_VAR], Path(os.environ[RUN_DIR_VAR])
