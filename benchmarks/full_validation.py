@@ -41,7 +41,7 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], int, str]:
 def main() -> None:
     """Evaluate every path given on the command line."""
     texts = TextCorpus(name="tinyshakespeare", builtin="tinyshakespeare").load(None)
-    ids = torch.tensor(encode_text(char_tokenizer(texts["train"]), texts["validation"]))
+    ids = torch.tensor(encode_text(char_tokenizer(texts["train"]), texts["validation"].text()))
     n = (len(ids) - 1) // BLOCK
     x, y = ids[: n * BLOCK].view(n, BLOCK), ids[1 : n * BLOCK + 1].view(n, BLOCK)
     print(f"{'checkpoint':<40} {'val loss (all ' + str(n) + ' windows)':>28}")

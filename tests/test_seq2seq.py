@@ -240,7 +240,7 @@ def _csv_rows(run_dir):
 
 
 def test_length_bucketing_keeps_every_pair_once_and_cuts_padding():
-    from lmforge.data.datamodules import ResumableShuffleSampler
+    from lmforge.data.sampling import ResumableShuffleSampler
 
     lengths = [random.Random(i).randint(2, 60) for i in range(3000)]
     bucketed = list(ResumableShuffleSampler(3000, seed=1, lengths=lengths, batch_size=32))

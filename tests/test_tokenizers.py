@@ -19,7 +19,8 @@ from lmforge.errors import LmforgeError
 
 @pytest.fixture(scope="module")
 def shakespeare():
-    return TextCorpus(name="tinyshakespeare", builtin="tinyshakespeare").load(None)
+    splits = TextCorpus(name="tinyshakespeare", builtin="tinyshakespeare").load(None)
+    return {name: split.text() for name, split in splits.items()}
 
 
 def test_char_tokenizer_round_trips_shakespeare_exactly(shakespeare):

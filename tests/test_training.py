@@ -79,14 +79,14 @@ def test_default_run_writes_everything_offline(cfg_factory, offline_wandb):
 
     # The saved tokenizer gives the same ids as the one the run trained with.
     texts = TextCorpus(name="tinyshakespeare", builtin="tinyshakespeare").load(None)
-    sample = texts["validation"][:3000]
+    sample = texts["validation"].text()[:3000]
     assert encode_text(load_tokenizer(run_dir), sample) == encode_text(char_tokenizer(texts["train"]), sample)
 
 
 @pytest.mark.slow
 def test_loss_falls_well_below_unigram_entropy(cfg_factory):
     texts = TextCorpus(name="tinyshakespeare", builtin="tinyshakespeare").load(None)
-    counts = Counter(texts["train"])
+    counts = Counter(texts["train"].text())
     total = sum(counts.values())
     unigram = -sum(c / total * math.log(c / total) for c in counts.values())  # ~3.3 nats
     cfg = cfg_factory(

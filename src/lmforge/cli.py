@@ -292,6 +292,22 @@ def train() -> None:
     _hydra_entry(run, "train")
 
 
+def prepare() -> None:
+    """Tokenize a run's corpus ahead of time: ``lmforge-prepare task=code tokenizer=bpe``.
+
+    Takes the same overrides as ``lmforge-train``; trains the tokenizer when the run would, builds
+    the token store of every split under ``paths.cache_dir`` with a progress bar, and prints their
+    sizes. A later ``train.py`` with the same overrides starts from them at once.
+    """
+
+    def run(cfg):
+        from lmforge.prepare import prepare_data
+
+        prepare_data(cfg)
+
+    _hydra_entry(run, "train")
+
+
 def _prestart_wandb() -> None:
     """Start W&B's background service while Lightning imports (it mostly waits on a subprocess)."""
     import threading

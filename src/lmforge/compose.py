@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from lmforge.callbacks import TokenThroughput
+from lmforge.data.tokenizers import build_tokenizer
 from lmforge.errors import LmforgeError, sentence
 from lmforge.finetune import FinetuneMethod, Full
 from lmforge.models.layers import enable_activation_checkpointing
@@ -101,7 +103,14 @@ def build_data(
     source = instantiate(cfg.task.source)
     texts = source.load(cfg.paths.data_dir, required=required)
     if tokenizer is None:
-        tokenizer = instantiate(_without(cfg.tokenizer, "name"))(source.training_text(texts))
+        node = _without(cfg.tokenizer, "name", "sample_chars")
+        tokenizer = build_tokenizer(
+            instantiate(node),
+            source.training_text(texts),
+            cfg.paths.get("cache_dir"),
+            config_key=json.dumps(OmegaConf.to_container(node), sort_keys=True),
+            sample_chars=cfg.tokenizer.get("sample_chars"),
+        )
     # Keys that task.data shares with task.source (a user's file path, its columns) are the source's, not the DataModule's.
     shared = {key for key in set(cfg.task.data) & set(cfg.task.source) if not key.startswith("_")}
     data_node = _without(cfg.task.data, *shared)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
+from lmforge.data.text_splits import ArrowText, FilePiece, FileText, TextSplit
 from lmforge.errors import LmforgeError
 from lmforge.hub import hub_reachable
 
@@ -24,7 +25,7 @@ SPLITS = ("train", "validation", "test")
 
 @dataclass
 class TextCorpus:
-    """A language-modelling corpus: one long text per split.
+    """A language-modelling corpus: one stream of text per split.
 
     Args:
         name: the dataset's name, used in messages.
@@ -49,14 +50,14 @@ class TextCorpus:
     holdout_fraction: float = 0.1
     builtin: str | None = None
 
-    def load(self, data_dir: str | None, required: tuple[str, ...] = ("train", "validation")) -> dict[str, str]:
-        """Read every available split as one string, looking in the mirror, then the hub, then the package.
+    def load(self, data_dir: str | None, required: tuple[str, ...] = ("train", "validation")) -> dict[str, TextSplit]:
+        """Find every available split, looking in the mirror, then the hub, then the package.
 
         Args:
             data_dir: root of the local data mirror (may be None).
             required: splits the run needs; a source that lacks one is an error.
         Returns:
-            split name -> text.
+            split name -> its text, a stream read when the token store is built (never whole).
         """
         texts, where = self._locate(data_dir)
         texts = self._split_holdout(texts)
@@ -90,40 +91,45 @@ class TextCorpus:
             f"set LMFORGE_DATA (or paths.data_dir) to the folder that holds '{self.local_dir}/'."
         )
 
-    def training_text(self, splits: dict) -> str:
-        """The text a tokenizer is trained on: the training split."""
+    def training_text(self, splits: dict) -> TextSplit | str:
+        """The text a tokenizer is trained on (a bounded sample of it): the training split."""
         return splits["train"]
 
     @staticmethod
     def _size(split) -> str:
-        return f"{len(split):,} chars"
+        return split.describe() if isinstance(split, TextSplit) else f"{len(split):,} chars"
 
-    def _from_folder(self, folder: Path) -> dict[str, str]:
-        from datasets import load_dataset
-
-        files = {split: str(folder / f) for split, f in self.local_files.items() if (folder / f).is_file()}
+    def _from_folder(self, folder: Path) -> dict[str, TextSplit]:
+        files = {split: folder / f for split, f in self.local_files.items() if (folder / f).is_file()}
         if not files:
             raise LmforgeError(
                 f"Dataset folder {folder} holds none of the expected files: {', '.join(self.local_files.values())}."
             )
-        ds = load_dataset("text", data_files=files, sample_by="document", keep_in_memory=True)
-        return {split: "".join(ds[split]["text"]) for split in ds}
+        return {split: FileText([FilePiece(path)]) for split, path in files.items()}
 
-    def _from_hub(self) -> dict[str, str]:
+    def _from_hub(self) -> dict[str, TextSplit]:
         from datasets import load_dataset
 
-        ds = load_dataset(self.hub_id, self.hub_config)
-        return {split: "".join(ds[split][self.text_column]) for split in ds if split in SPLITS}
+        ds = load_dataset(self.hub_id, self.hub_config)  # memory-mapped Arrow in the datasets cache
+        return {split: ArrowText(ds[split], self.text_column) for split in ds if split in SPLITS}
 
-    def _from_builtin(self) -> dict[str, str]:
-        text = resources.files("lmforge.data.builtin").joinpath(f"{self.builtin}.txt").read_text(encoding="utf-8")
-        return {"unsplit": text}
+    def _from_builtin(self) -> dict[str, TextSplit]:
+        path = resources.files("lmforge.data.builtin").joinpath(f"{self.builtin}.txt")
+        return {"unsplit": FileText([FilePiece(Path(str(path)))])}
 
-    def _split_holdout(self, texts: dict[str, str]) -> dict[str, str]:
+    def _split_holdout(self, texts: dict) -> dict:
+        """An ``unsplit`` text becomes train (its first characters) and validation (the last ``holdout_fraction``)."""
         if set(texts) != {"unsplit"}:
             return texts
         text = texts["unsplit"]
-        cut = int(len(text) * (1 - self.holdout_fraction))
+        keep = 1 - self.holdout_fraction
+        if isinstance(text, FileText):
+            (piece,) = text.pieces
+            return {
+                "train": FileText([replace(piece, stop=keep)]),
+                "validation": FileText([replace(piece, start=keep)]),
+            }
+        cut = int(len(text) * keep)
         return {"train": text[:cut], "validation": text[cut:]}
 
 
@@ -131,7 +137,8 @@ class TextCorpus:
 class TextFiles(TextCorpus):
     """Several text files joined into one corpus, e.g. pretraining text gathered from the data mirror.
 
-    The last ``holdout_fraction`` of each file (by characters) is the validation split.
+    Each file (or column of a file, its rows a line each) is a document; the last ``holdout_fraction``
+    of each (by characters) is the validation split. Read as a stream, like every corpus.
 
     Args (beyond :class:`TextCorpus`):
         files: paths relative to ``paths.data_dir`` (or absolute). ``file.tsv:sentence`` takes one
@@ -150,29 +157,13 @@ class TextFiles(TextCorpus):
                 f"Corpus '{self.name}' is missing {', '.join(missing)}; set LMFORGE_DATA (or paths.data_dir) "
                 f"to the data mirror."
             )
-        train, validation = [], []
-        for path, column in specs:
-            text = _read_text(path, column)
-            cut = int(len(text) * (1 - self.holdout_fraction))
-            train.append(text[:cut])
-            validation.append(text[cut:])
-        return {"train": "\n".join(train), "validation": "\n".join(validation)}, f"{len(specs)} files in {root}"
-
-
-def _read_text(path: Path, column: str | None) -> str:
-    """A file's text: one column of a CSV/TSV or one field of JSON lines (a line each), else the whole file."""
-    from datasets import load_dataset
-
-    if column is None:
-        return path.read_text(encoding="utf-8")
-    if path.suffix in (".json", ".jsonl"):
-        ds = load_dataset("json", data_files=str(path), split="train", keep_in_memory=True)
-    else:
-        delimiter = "\t" if path.suffix == ".tsv" else ","
-        ds = load_dataset("csv", data_files=str(path), delimiter=delimiter, split="train", keep_in_memory=True)
-    if column not in ds.column_names:
-        raise LmforgeError(f"{path} has no column '{column}' (it has: {', '.join(ds.column_names)}).")
-    return "\n".join(str(t) for t in ds[column])
+        keep = 1 - self.holdout_fraction
+        pieces = [FilePiece(path, column, rows_are_documents=False) for path, column in specs]
+        splits = {
+            "train": FileText([replace(piece, stop=keep) for piece in pieces]),
+            "validation": FileText([replace(piece, start=keep) for piece in pieces]),
+        }
+        return splits, f"{len(specs)} files in {root}"
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 from tokenizers import Encoding, Tokenizer
 
 from lmforge.data.datamodules import ExampleDataModule
-from lmforge.data.sources import SPLITS, TextCorpus, _read_text, require_columns
+from lmforge.data.sources import SPLITS, TextCorpus, require_columns
 from lmforge.data.tokenizers import pad_token_id, tokenizer_fingerprint
 from lmforge.errors import LmforgeError
 
@@ -98,7 +98,7 @@ class SquadQuestions(TextCorpus):
             path = root / spec
             if not path.is_file():
                 raise LmforgeError(f"task.source.extra_files names {path}, which does not exist.")
-            texts["train"] += "\n" + _read_text(path, None)
+            texts["train"] += "\n" + path.read_text(encoding="utf-8")
         return texts
 
     def training_text(self, splits: dict) -> str:

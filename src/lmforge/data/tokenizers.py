@@ -1,33 +1,40 @@
 """Tokenizers built with the `tokenizers` library: character-level, trained BPE, GPT-2.
 
-Each builder takes the training text (some ignore it) and returns a
-``tokenizers.Tokenizer``. Tokenizer configs are partials of these builders, so
-the composition function can build the tokenizer once the training text is read.
+Each builder takes the training text (a string, or an iterable of text pieces: a bounded
+sample of a large corpus; some builders ignore it) and returns a ``tokenizers.Tokenizer``.
+Tokenizer configs are partials of these builders, so the composition function can build the
+tokenizer once the training text is found; :func:`build_tokenizer` caches trained ones.
 A run saves its tokenizer as ``tokenizer.json``; everything that reloads the run
 uses that file through :func:`load_tokenizer`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from filelock import FileLock
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from lmforge.data.text_splits import TextSplit, as_text_split, sample_chunks
 from lmforge.errors import LmforgeError
 from lmforge.hub import hub_reachable
 
 log = logging.getLogger(__name__)
+
+TrainingText = str | TextSplit | Iterable[str]
 
 UNK = "<unk>"
 EOS = "<|endoftext|>"
 PAD = "<pad>"
 
 
-def char_tokenizer(train_text: str) -> Tokenizer:
+def char_tokenizer(train_text: TrainingText) -> Tokenizer:
     """One token per character seen in the training text, plus ``<unk>`` for the rest."""
-    chars = sorted(set(train_text))
+    chars = sorted(set().union(*map(set, _pieces(train_text))))
     vocab = {ch: i for i, ch in enumerate(chars)}
     vocab[UNK] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
@@ -38,7 +45,7 @@ def char_tokenizer(train_text: str) -> Tokenizer:
     return tok
 
 
-def bpe_tokenizer(train_text: str, vocab_size: int = 8192, min_frequency: int = 2) -> Tokenizer:
+def bpe_tokenizer(train_text: TrainingText, vocab_size: int = 8192, min_frequency: int = 2) -> Tokenizer:
     """Byte-level BPE (the GPT-2 scheme) trained on the training text."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -50,12 +57,12 @@ def bpe_tokenizer(train_text: str, vocab_size: int = 8192, min_frequency: int = 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_chunks(train_text), trainer=trainer)
+    tok.train_from_iterator(_pieces(train_text), trainer=trainer)
     return tok
 
 
 def word_tokenizer(
-    train_text: str, vocab_size: int = 30000, min_frequency: int = 1, lowercase: bool = True
+    train_text: TrainingText, vocab_size: int = 30000, min_frequency: int = 1, lowercase: bool = True
 ) -> Tokenizer:
     """Whole words and punctuation marks (BERT's pre-tokenizer), the most frequent ``vocab_size`` of the training text.
 
@@ -68,11 +75,13 @@ def word_tokenizer(
     trainer = trainers.WordLevelTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[PAD, UNK], show_progress=False
     )
-    tok.train_from_iterator(_chunks(train_text), trainer=trainer)
+    tok.train_from_iterator(_pieces(train_text), trainer=trainer)
     return tok
 
 
-def gpt2_tokenizer(train_text: str | None = None, local_dir: str | None = None, hub_id: str = "gpt2") -> Tokenizer:
+def gpt2_tokenizer(
+    train_text: TrainingText | None = None, local_dir: str | None = None, hub_id: str = "gpt2"
+) -> Tokenizer:
     """The public GPT-2 byte-level BPE (50,257 tokens), from local files or the hub.
 
     Args:
@@ -95,7 +104,7 @@ def gpt2_tokenizer(train_text: str | None = None, local_dir: str | None = None, 
 
 
 def wordpiece_tokenizer(
-    train_text: str | None = None,
+    train_text: TrainingText | None = None,
     vocab_file: str | None = None,
     hub_id: str = "google-bert/bert-base-uncased",
     vocab_size: int = 8192,
@@ -126,7 +135,7 @@ def wordpiece_tokenizer(
     tok.decoder = decoders.WordPiece()
     if not (vocab_file and Path(vocab_file).is_file()):
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-        tok.train_from_iterator(_chunks(train_text), trainer=trainer)
+        tok.train_from_iterator(_pieces(train_text), trainer=trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -153,6 +162,13 @@ def eos_token_id(tokenizer: Tokenizer) -> int:
         f"The tokenizer has no end-of-sequence token ({EOS}, </s> or [SEP]), which generation needs; "
         f"use tokenizer=bpe (a joint BPE vocabulary) or tokenizer=gpt2."
     )
+
+
+def _pieces(text: TrainingText) -> Iterable[str]:
+    """The training text in pieces: a string or a split cut into chunks of lines, an iterable of pieces as it is."""
+    if isinstance(text, TextSplit):
+        return text.chunks()
+    return _chunks(text) if isinstance(text, str) else text
 
 
 def _chunks(text: str, size: int = 1 << 16):
@@ -198,3 +214,44 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     """A stable string that changes when the tokenizer's vocabulary or rules change."""
     return json.dumps(json.loads(tokenizer.to_str()), sort_keys=True)
+
+
+def build_tokenizer(
+    builder: Callable[[Iterable[str]], Tokenizer],
+    training_text: TextSplit | str,
+    cache_dir: str | None,
+    config_key: str,
+    sample_chars: int | None = None,
+) -> Tokenizer:
+    """The run's tokenizer from ``builder``, trained on a seeded sample of at most ``sample_chars``
+    characters of ``training_text`` (all of it when None or smaller).
+
+    A tokenizer that was trained on the text is saved under ``<cache_dir>/tokenizers/``, keyed by
+    ``config_key`` (the tokenizer's config), the text's fingerprint and the sample size: the next
+    run with the same corpus loads it instead of training again. One process trains while others
+    wait on a file lock. Builders that never read the text (public vocabularies) are not cached.
+    """
+    split = as_text_split(training_text)
+    trained = False
+
+    def sample() -> Iterable[str]:
+        nonlocal trained
+        trained = True
+        yield from sample_chunks(split, sample_chars, seed=0)
+
+    if not cache_dir:
+        return builder(sample())
+    key = hashlib.sha256(f"{config_key}\0{split.fingerprint}\0{sample_chars}".encode()).hexdigest()[:32]
+    path = Path(cache_dir).expanduser() / "tokenizers" / f"{key}.json"
+    if path.is_file():
+        return load_tokenizer(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():  # trained by another process while this one waited
+            return load_tokenizer(path)
+        tokenizer = builder(sample())
+        if trained:
+            tmp = path.with_suffix(".tmp")
+            tokenizer.save(str(tmp))
+            tmp.replace(path)
+    return tokenizer

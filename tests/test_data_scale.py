@@ -1,0 +1,311 @@
+"""Data at scale: token stores, lazy shuffling, file corpora, bounded memory."""
+
+import errno
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tokenizers import Tokenizer, models
+
+from conftest import REPO
+from lmforge.data import token_store
+from lmforge.data.datamodules import LanguageModelingDataModule
+from lmforge.data.file_corpora import PythonSources, TextFileCorpus
+from lmforge.data.sampling import ResumableShuffleSampler, SeededPermutation
+from lmforge.data.sources import TextCorpus
+from lmforge.data.text_splits import InMemoryText, sample_chunks
+from lmforge.data.tokenizers import bpe_tokenizer, build_tokenizer, char_tokenizer, encode_text
+from lmforge.errors import LmforgeError
+
+SHAKESPEARE = TextCorpus(name="tinyshakespeare", builtin="tinyshakespeare")
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "a",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+]
+
+
+def generated_text(n_chars: int, seed: int = 0) -> str:
+    """Random lines of common words: a corpus of any size that no two seeds share."""
+    rng = np.random.default_rng(seed)
+    words = np.array(WORDS)[rng.integers(len(WORDS), size=n_chars // 3)]
+    lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
+    return "\n".join(lines)[:n_chars] + "\n"
+
+
+# --- the permutation and the sampler -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65, 1000, 4097])
+def test_seeded_permutation_is_a_permutation_and_depends_on_its_seed(n):
+    order = SeededPermutation(n, seed=5).take(np.arange(n))
+    assert sorted(order.tolist()) == list(range(n))
+    assert SeededPermutation(n, seed=5)[n // 2] == order[n // 2]
+    if n >= 64:
+        assert not np.array_equal(order, SeededPermutation(n, seed=6).take(np.arange(n)))
+        assert not np.array_equal(order, np.arange(n))
+
+
+def test_a_billion_window_starts_are_shuffled_without_a_list():
+    sampler = ResumableShuffleSampler(1_000_000_000, seed=1)
+    first = [i for _, i in zip(range(5), iter(sampler))]
+    assert len(set(first)) == 5 and all(0 <= i < 1_000_000_000 for i in first)
+    resumed = ResumableShuffleSampler(1_000_000_000, seed=1)
+    resumed.skip = 3
+    assert next(iter(resumed)) == first[3]
+
+
+def test_ddp_ranks_share_out_one_epoch_and_resume_part_way():
+    ranks = [list(ResumableShuffleSampler(1001, seed=2, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 501
+    assert set(ranks[0]) | set(ranks[1]) == set(range(1001))
+    resumed = ResumableShuffleSampler(1001, seed=2, num_replicas=2, rank=1)
+    resumed.skip = 100
+    assert list(resumed) == ranks[1][100:]
+    resumed.set_epoch(1)
+    assert list(resumed) != ranks[1] and len(list(resumed)) == 501  # a new epoch starts from its beginning
+
+
+# --- token stores --------------------------------------------------------------------------------
+
+
+def test_memory_mapped_windows_hold_the_tokens_of_the_in_memory_encoding(tmp_path):
+    splits = SHAKESPEARE.load(None)
+    train, validation = splits["train"].text(), splits["validation"].text()
+    for tok in (char_tokenizer(train), bpe_tokenizer(train[:300_000], vocab_size=500)):
+        dm = LanguageModelingDataModule(splits, tok, block_size=64, batch_size=4, cache_dir=str(tmp_path))
+        for name, text in (("train", train), ("validation", validation)):
+            assert np.array_equal(dm.stores[name].to_numpy(), np.array(encode_text(tok, text)))
+        x, y = dm._windows("train", 64)[1000]
+        assert x.tolist() == encode_text(tok, train)[64_000:64_064] and y.tolist()[:-1] == x.tolist()[1:]
+    assert dm.chars_per_token["train"] == pytest.approx(len(train) / len(dm.stores["train"]))
+
+
+def test_a_store_reads_windows_across_its_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(token_store, "SHARD_TOKENS", 1000)
+    text = generated_text(20_000)
+    tok = char_tokenizer(text)
+    store = token_store.open_or_build(InMemoryText(text), tok, tmp_path)
+    ids = np.array(encode_text(tok, text))
+    assert len(store.meta["shard_tokens"]) == -(-len(ids) // 1000) > 10 and store.dtype == np.uint16
+    assert np.array_equal(store[990:2010], ids[990:2010]) and np.array_equal(store.to_numpy(), ids)
+
+
+def test_documents_are_separated_by_the_end_of_text_token(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha beta\n")
+    (tmp_path / "b.txt").write_text("gamma delta\n")
+    split = TextFileCorpus(files=str(tmp_path))._split_of(sorted(tmp_path.glob("*.txt")))
+    tok = bpe_tokenizer("alpha beta gamma delta\n" * 50, vocab_size=300)
+    ids = token_store.open_or_build(split, tok, tmp_path / "cache").to_numpy().tolist()
+    eos = tok.token_to_id("<|endoftext|>")
+    assert ids.count(eos) == 1 and tok.decode(ids[: ids.index(eos)]) == "alpha beta\n"
+
+
+def _build_in_child(text: str, cache: str, marker_dir: str, start) -> None:
+    original = token_store._build
+
+    def recording_build(*args, **kwargs):
+        Path(marker_dir, f"built-{os.getpid()}").touch()
+        time.sleep(1.0)  # hold the lock long enough for the other process to wait on it
+        return original(*args, **kwargs)
+
+    token_store._build = recording_build
+    start.wait()
+    store = token_store.open_or_build(InMemoryText(text), char_tokenizer(text), cache)
+    Path(marker_dir, f"tokens-{os.getpid()}").write_text(str(store.to_numpy().sum()))
+
+
+def test_two_processes_build_one_store_once(tmp_path):
+    text = generated_text(200_000)
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=_build_in_child, args=(text, str(tmp_path / "c"), str(tmp_path), start)) for _ in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert len(list(tmp_path.glob("built-*"))) == 1
+    sums = {p.read_text() for p in tmp_path.glob("tokens-*")}
+    assert len(sums) == 1 and len(list(tmp_path.glob("tokens-*"))) == 2
+    assert len(list((tmp_path / "c" / "tokens").glob("*/meta.json"))) == 1
+
+
+def test_an_interrupted_build_is_rebuilt_not_read(tmp_path):
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(generated_text(30_000_000))
+    cache = tmp_path / "cache"
+    script = (
+        "import sys; from lmforge.data.file_corpora import TextFileCorpus; from lmforge.data.tokenizers import char_tokenizer;"
+        "from lmforge.data import token_store;"
+        f"s = TextFileCorpus(files={str(corpus)!r}).load(None)['train'];"
+        f"token_store.open_or_build(s, char_tokenizer(s), {str(cache)!r})"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 120
+    while not list((cache / "tokens").glob("*.tmp-*/shard_00000.bin")) and time.time() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert list((cache / "tokens").glob("*.tmp-*")), "the build was killed before it wrote anything"
+    assert not list((cache / "tokens").glob("*/meta.json"))
+
+    split = TextFileCorpus(files=str(corpus)).load(None)["train"]
+    store = token_store.open_or_build(split, char_tokenizer(split), cache)
+    assert len(store) == store.num_chars == int(corpus.stat().st_size * 0.99)
+    assert not list((cache / "tokens").glob("*.tmp-*"))  # the killed build's folder is gone
+
+
+def test_a_full_disk_stops_the_build_in_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
+    def full(self, ids):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(token_store._ShardWriter, "write", full)
+    text = generated_text(10_000)
+    with pytest.raises(LmforgeError, match="disk filled up .*paths.cache_dir"):
+        token_store.open_or_build(InMemoryText(text), char_tokenizer(text), tmp_path)
+    assert all(p.suffix == ".lock" for p in (tmp_path / "tokens").iterdir())
+
+
+def test_a_vocabulary_too_large_for_the_id_type_is_refused(tmp_path):
+    big = Tokenizer(models.WordLevel({f"w{i}": i for i in range(70_000)}, unk_token="w0"))
+    assert token_store.token_dtype(big.get_vocab_size()) == np.uint32
+    with pytest.raises(LmforgeError, match="token_dtype=uint16 cannot hold .*70,000"):
+        token_store.open_or_build(InMemoryText("w1 w2"), big, tmp_path, requested_dtype="uint16")
+
+
+def test_an_empty_corpus_says_so(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "also.txt").write_text("")
+    (tmp_path / "third.txt").write_text("")
+    splits = TextFileCorpus(files=str(tmp_path), holdout_fraction=0.34).load(None)
+    with pytest.raises(LmforgeError, match="holds no text"):
+        token_store.open_or_build(splits["train"], char_tokenizer("abc"), tmp_path / "cache")
+
+
+# --- file corpora --------------------------------------------------------------------------------
+
+
+def test_text_files_are_split_by_document_with_a_fixed_seed(tmp_path):
+    for i in range(200):
+        (tmp_path / f"doc{i:03d}.txt").write_text(f"document {i}\n")
+    corpus = TextFileCorpus(files=str(tmp_path / "*.txt"), holdout_fraction=0.05, test_fraction=0.05)
+    splits = corpus.load(None, required=("train", "validation", "test"))
+    names = {k: {p.path.name for p in v.pieces} for k, v in splits.items()}
+    assert len(names["validation"]) == len(names["test"]) == 10 and len(names["train"]) == 180
+    assert not (names["train"] & names["validation"]) and not (names["validation"] & names["test"])
+    again = corpus.load(None, required=("train", "validation", "test"))
+    assert {p.path.name for p in again["validation"].pieces} == names["validation"]
+
+
+def test_rows_of_jsonl_and_parquet_files_are_documents_held_out_by_hash(tmp_path):
+    rows = [{"text": f"row number {i}", "id": i} for i in range(3000)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:1500]))
+    pq.write_table(pa.Table.from_pylist(rows[1500:]), tmp_path / "b.parquet")
+    splits = TextFileCorpus(files=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet")], holdout_fraction=0.1).load(
+        None
+    )
+    docs = {k: ["".join(d) for d in v.documents()] for k, v in splits.items()}
+    assert len(docs["train"]) + len(docs["validation"]) == 3000
+    assert 200 < len(docs["validation"]) < 400 and not set(docs["train"]) & set(docs["validation"])
+
+
+def test_bad_files_stop_in_one_sentence_naming_the_file(tmp_path):
+    with pytest.raises(LmforgeError, match="matches no"):
+        TextFileCorpus(files=str(tmp_path / "nothing" / "**" / "*.txt")).load(None)
+    (tmp_path / "ok.txt").write_text("fine text\n" * 10)
+    (tmp_path / "blob.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    split = TextFileCorpus(files=str(tmp_path))._split_of(sorted(tmp_path.glob("*.txt")))
+    with pytest.raises(LmforgeError, match=r"blob\.txt is not"):
+        token_store.open_or_build(split, char_tokenizer("fine text"), tmp_path / "cache")
+    (tmp_path / "rows.jsonl").write_text('{"body": "no text field"}\n')
+    rows = TextFileCorpus(files=str(tmp_path / "rows.jsonl"))._split_of([tmp_path / "rows.jsonl"])
+    with pytest.raises(LmforgeError, match=r"rows\.jsonl line 1 has no field 'text'.*text_column"):
+        list(rows.documents())
+    assert not list((tmp_path / "cache" / "tokens").glob("*/meta.json"))
+
+
+def test_the_code_corpus_is_this_machines_python_sources():
+    splits = PythonSources().load(None, required=("train", "validation", "test"))
+    train = {p.path for p in splits["train"].pieces}
+    assert splits["train"].num_bytes > 50_000_000 and all(p.suffix == ".py" for p in train)
+    assert any(p.name == "os.py" for p in train | {p.path for p in splits["validation"].pieces})
+    assert not train & {p.path for p in splits["test"].pieces}
+
+
+# --- tokenizers from a bounded sample ------------------------------------------------------------
+
+
+def test_tokenizers_train_on_a_bounded_seeded_sample_and_are_cached(tmp_path):
+    split = InMemoryText(generated_text(3_000_000))
+    sample = list(sample_chunks(split, 500_000, seed=0))
+    assert 400_000 < sum(map(len, sample)) < 600_000 and sample == list(sample_chunks(split, 500_000, seed=0))
+    calls = []
+
+    def builder(text):
+        calls.append(1)
+        return bpe_tokenizer(text, vocab_size=300)
+
+    first = build_tokenizer(builder, split, str(tmp_path), "bpe-300", sample_chars=500_000)
+    second = build_tokenizer(builder, split, str(tmp_path), "bpe-300", sample_chars=500_000)
+    assert len(calls) == 1 and first.get_vocab() == second.get_vocab()
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+PEAK_RSS = (
+    "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+    "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)"
+)
+
+
+@pytest.mark.slow
+def test_a_50_mb_corpus_trains_in_memory_that_does_not_grow_with_it(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(5):
+        (corpus / f"part{i}.txt").write_text(generated_text(10_000_000, seed=i))
+    command = [
+        sys.executable, "-c", PEAK_RSS, sys.executable, str(REPO / "train.py"), "task=text",
+        f"task.source.files={corpus}", "task.source.holdout_fraction=0.2", "logger=none",
+        "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
+        "task.module.num_samples=0", f"paths.output_root={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    peak_mb = int(done.stdout.split("peak_rss_kb")[-1]) / 1024
+    # Before token stores this run took about 180 bytes per character: 9 GB.
+    assert peak_mb < 2000, f"peak RSS {peak_mb:.0f} MB"
+    record = json.loads((tmp_path / "out" / "results.jsonl").read_text().splitlines()[-1])
+    assert record["steps"] == 3
