@@ -14,9 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from tokenizers import Tokenizer, models
 
-from conftest import REPO
+from conftest import REPO, SimulatedCrash
 from lmforge.data import token_store
 from lmforge.data.datamodules import LanguageModelingDataModule
 from lmforge.data.file_corpora import PythonSources, TextFileCorpus
@@ -25,6 +26,7 @@ from lmforge.data.sources import TextCorpus
 from lmforge.data.text_splits import InMemoryText, sample_chunks
 from lmforge.data.tokenizers import bpe_tokenizer, build_tokenizer, char_tokenizer, encode_text
 from lmforge.errors import LmforgeError
+from lmforge.training import run_training
 
 SHAKESPEARE = TextCorpus(name="tinyshakespeare", builtin="tinyshakespeare")
 WORDS = [
@@ -283,6 +285,36 @@ def test_tokenizers_train_on_a_bounded_seeded_sample_and_are_cached(tmp_path):
 
 
 # --- end to end ----------------------------------------------------------------------------------
+
+
+def test_a_streamed_corpus_trains_and_resumes_where_it_stopped(cfg_factory, tmp_path):
+    folder = tmp_path / "stream"
+    folder.mkdir()
+    for i in range(3):
+        lines = generated_text(40_000, seed=i).splitlines()
+        (folder / f"train-{i}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    (folder / "valid.jsonl").write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in generated_text(5_000, 9).splitlines())
+    )
+    split = [
+        "task=text", f"task.source.files={folder}/train-*.jsonl", f"task.source.validation_files={folder}/valid.jsonl",
+        "task.source.streaming=true", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.dropout=0.1",
+        "task.data.block_size=32", "task.data.batch_size=4", "logger=none", "trainer.max_steps=8", "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=4", "trainer.limit_val_batches=2", "test_after_fit=false", "task.module.num_samples=0",
+    ]  # fmt: skip
+    straight = run_training(cfg_factory(split))
+    assert straight["steps"] == 8
+    crashing = cfg_factory([*split, "callbacks.last_checkpoint.every_n_train_steps=2",
+                            "+callbacks.crash._target_=conftest.CrashAtStep", "+callbacks.crash.step=5"])  # fmt: skip
+    with pytest.raises(SimulatedCrash):
+        run_training(crashing)
+    ckpt = torch.load(Path(crashing.paths.run_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4 and ckpt["LanguageModelingDataModule"]["stream_snapshots"]  # the stream's position
+    resumed = run_training(cfg_factory([f"resume={crashing.paths.run_dir}"]))
+    assert resumed["steps"] == 8
+    for key in ("train/loss", "val/loss"):
+        assert resumed["metrics"][key] == pytest.approx(straight["metrics"][key], abs=1e-5), key
+
 
 PEAK_RSS = (
     "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "

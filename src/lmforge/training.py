@@ -290,7 +290,7 @@ def _device_name(trainer) -> str:
 def _report_start(cfg: DictConfig, run, loggers: list[Any], n_params: int) -> None:
     """One console line per choice that matters; hyperparameters to every logger."""
     trainer = run.trainer
-    sizes = ", ".join(f"{k} {v:,}" for k, v in run.datamodule.split_sizes.items())
+    sizes = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in run.datamodule.split_sizes.items())
     device = _device_name(trainer)
     log.info("model: %s (%s, %s parameters)", cfg.model.name, type(run.backbone).__name__, _fmt_params(n_params))
     log.info("task: %s (%s %s)", cfg.task.name, sizes, getattr(run.datamodule, "size_unit", "examples"))

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lmforge.data.sampling import PermutedDataset, resumable_sampler
+from lmforge.data.streaming import StreamedText, StreamedWindows
 from lmforge.data.text_splits import TextSplit, as_text_split
 from lmforge.data.token_store import TokenStore, open_or_build
 
@@ -93,9 +94,14 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         if cache_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="lmforge-tokens-")
             cache_dir = self._tmp.name
+        # A streamed training split is tokenized as it is read; every other split goes to a store.
+        self.stream = texts.get("train") if isinstance(texts.get("train"), StreamedText) else None
+        self._stream_windows: StreamedWindows | None = None
+        self._stream_state: dict = {}
         self.stores = {
             split: open_or_build(as_text_split(text), tokenizer, cache_dir, split, token_dtype)
             for split, text in texts.items()
+            if text is not self.stream
         }
         self.chars_per_token = {s: store.num_chars / max(len(store), 1) for s, store in self.stores.items()}
 
@@ -104,9 +110,19 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         return {"chars_per_token": self.chars_per_token}
 
     @property
-    def split_sizes(self) -> dict[str, int]:
-        """Number of tokens in each split."""
-        return {split: len(store) for split, store in self.stores.items()}
+    def split_sizes(self) -> dict[str, int | str]:
+        """Number of tokens in each split ("streamed" for a streamed training split)."""
+        return {**({"train": "streamed"} if self.stream else {}), **{s: len(store) for s, store in self.stores.items()}}
+
+    def state_dict(self) -> dict:
+        """The stream's position (saved in checkpoints): nothing unless the training split is streamed."""
+        if self._stream_windows is None:
+            return {}
+        return {"stream_snapshots": list(self._stream_windows.snapshots)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Keep a checkpoint's stream position for the next training loader."""
+        self._stream_state = state
 
     def _windows(self, split: str, stride: int) -> TokenWindows:
         return TokenWindows(self.stores[split], self.block_size, stride)
@@ -126,6 +142,8 @@ class LanguageModelingDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training windows; after a resume, the epoch continues where the checkpoint left it."""
+        if self.stream is not None:
+            return self._stream_loader()
         windows = self._windows("train", self.train_stride)
         return DataLoader(
             windows,
@@ -135,6 +153,18 @@ class LanguageModelingDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             generator=self._loader_generator(),
             persistent_workers=self.num_workers > 0,
+        )
+
+    def _stream_loader(self) -> DataLoader:
+        """Windows packed from the stream in its order; after a resume, from the checkpointed position."""
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        self._stream_windows = StreamedWindows(self.stream, self.tokenizer, self.block_size, rank, world)
+        if self._stream_state.get("stream_snapshots") and self.trainer is not None:
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed * self.batch_size
+            self._stream_windows.resume_at(self._stream_state["stream_snapshots"], done)
+        # One process reads the stream (a worker each would read it all again); encoding runs on every core anyway.
+        return DataLoader(
+            self._stream_windows, batch_size=self.batch_size, drop_last=True, generator=self._loader_generator()
         )
 
     def val_dataloader(self) -> DataLoader:

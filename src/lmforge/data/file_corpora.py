@@ -16,6 +16,7 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.data.streaming import StreamedText
 from lmforge.data.text_splits import ROW_SUFFIXES, FilePiece, FileText, RowHoldout, TextSplit
 from lmforge.errors import LmforgeError
 
@@ -42,6 +43,8 @@ class TextFileCorpus:
         suffixes: file types taken from folders.
         split_seed: seed of the held-out choice.
         skip_unreadable: leave out files that are not UTF-8 text (with a warning) instead of stopping.
+        streaming: tokenize the training files as they are read (through `datasets`' streaming
+            builders) instead of into a token store; held-out splits are still stored.
     """
 
     name: str = "text"
@@ -54,6 +57,7 @@ class TextFileCorpus:
     suffixes: list[str] = field(default_factory=lambda: list(TEXT_SUFFIXES))
     split_seed: int = 0
     skip_unreadable: bool = False
+    streaming: bool = False
 
     def load(self, data_dir: str | None, required: tuple[str, ...] = ("train", "validation")) -> dict[str, TextSplit]:
         """The splits as file streams (no text is read yet).
@@ -79,6 +83,8 @@ class TextFileCorpus:
                 f"Corpus '{self.name}' has no {' or '.join(missing)} split; set task.source.holdout_fraction "
                 f"or task.source.validation_files."
             )
+        if self.streaming:
+            splits["train"] = self._streamed(splits["train"])
         log.info("data: %s (%s)", self.name, ", ".join(f"{k} {v.describe()}" for k, v in splits.items()))
         return splits
 
@@ -131,6 +137,31 @@ class TextFileCorpus:
 
     def _split_of(self, files: list[Path]) -> FileText:
         return FileText([self._piece(p) for p in files])
+
+    def _streamed(self, split: FileText) -> StreamedText:
+        """The training files as a `datasets` stream: a row per line of text files (joined back as
+        they were), a row per document of row files."""
+        from datasets import load_dataset
+
+        if split.rows is not None or any((p.start, p.stop) != (0.0, 1.0) for p in split.pieces):
+            raise LmforgeError(
+                "task.source.streaming=true streams whole files, but this corpus holds out part of a file or rows "
+                "of row files; name the held-out files with task.source.validation_files."
+            )
+        builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
+        kinds = {builders.get(p.path.suffix.lower(), "text") for p in split.pieces}
+        if len(kinds) > 1:
+            raise LmforgeError(
+                f"task.source.streaming=true needs training files of one kind; these are {sorted(kinds)}."
+            )
+        kind = kinds.pop()
+        options = {"text": {"sample_by": "line", "keep_linebreaks": True}, "csv": {"delimiter": "\t"}}
+        if kind == "csv" and split.pieces[0].path.suffix.lower() == ".csv":
+            options["csv"] = {}
+        files = [str(p.path) for p in split.pieces]
+        stream = load_dataset(kind, data_files=files, split="train", streaming=True, **options.get(kind, {}))
+        column = "text" if kind == "text" else self.text_column
+        return StreamedText(stream, column, f"{len(files)} {kind} files", joiner="" if kind == "text" else None)
 
     def _held_out(self, files: list[Path]) -> dict[str, FileText]:
         """Train, validation (and test) drawn from one list of files by the fixed seed."""

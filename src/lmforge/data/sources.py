@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
+from lmforge.data.streaming import StreamedText
 from lmforge.data.text_splits import ArrowText, FilePiece, FileText, TextSplit
 from lmforge.errors import LmforgeError
 from lmforge.hub import hub_reachable
@@ -39,6 +40,8 @@ class TextCorpus:
             kept for validation when the source has no validation split.
         builtin: name of a text file shipped inside ``lmforge.data.builtin``, used
             when neither the mirror nor the hub has the data.
+        streaming: read the hub dataset as a stream (never downloaded whole); the training split is
+            tokenized as it is read, the others once into token stores.
     """
 
     name: str
@@ -49,6 +52,7 @@ class TextCorpus:
     text_column: str = "text"
     holdout_fraction: float = 0.1
     builtin: str | None = None
+    streaming: bool = False
 
     def load(self, data_dir: str | None, required: tuple[str, ...] = ("train", "validation")) -> dict[str, TextSplit]:
         """Find every available split, looking in the mirror, then the hub, then the package.
@@ -110,6 +114,10 @@ class TextCorpus:
     def _from_hub(self) -> dict[str, TextSplit]:
         from datasets import load_dataset
 
+        if self.streaming:
+            ds = load_dataset(self.hub_id, self.hub_config, streaming=True)
+            where = f"{self.hub_id}/{self.hub_config or 'default'}"
+            return {s: StreamedText(ds[s], self.text_column, f"{where}/{s}", joiner="") for s in ds if s in SPLITS}
         ds = load_dataset(self.hub_id, self.hub_config)  # memory-mapped Arrow in the datasets cache
         return {split: ArrowText(ds[split], self.text_column) for split in ds if split in SPLITS}
 
