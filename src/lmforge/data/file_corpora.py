@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.data.streaming import StreamedText
-from lmforge.data.text_splits import ROW_SUFFIXES, FilePiece, FileText, RowHoldout, TextSplit
+from lmforge.data.text_splits import ROW_SUFFIXES, FilePiece, FileText, RowHoldout, TextSplit, file_suffix
 from lmforge.errors import LmforgeError
 
 log = logging.getLogger(__name__)
@@ -100,12 +100,12 @@ class TextFileCorpus:
         """What ``files`` names (overridden by corpora with a default)."""
         return [self.files] if isinstance(self.files, str) else list(self.files or [])
 
-    def _expand(self, spec: list[str] | str | None, key: str) -> list[Path]:
+    def _expand(self, spec: list[str] | str | None, key: str) -> list[str]:
         """Every file a spec names, sorted, each once."""
         entries = self.roots() if key == "files" else ([spec] if isinstance(spec, str) else list(spec or []))
         if not entries:
             raise LmforgeError(f"Corpus '{self.name}' names no files; set task.source.{key}=<file, folder or glob>.")
-        found: dict[Path, None] = {}
+        found: dict[str, None] = {}
         for entry in entries:
             matches = self._matches(str(Path(entry).expanduser()))
             if not matches:
@@ -115,27 +115,26 @@ class TextFileCorpus:
             found.update(dict.fromkeys(matches))
         return list(found)
 
-    def _matches(self, entry: str) -> list[Path]:
-        path = Path(entry)
-        if path.is_file():
-            return [path]
-        if path.is_dir():
+    def _matches(self, entry: str) -> list[str]:
+        if os.path.isfile(entry):
+            return [entry]
+        if os.path.isdir(entry):
             suffixes = tuple(self.suffixes)
             return sorted(
-                Path(folder, name)
-                for folder, _, names in os.walk(path)
+                os.path.join(folder, name)
+                for folder, _, names in os.walk(entry)
                 for name in names
                 if name.lower().endswith(suffixes)
             )
-        return sorted(p for p in map(Path, glob.iglob(entry, recursive=True)) if p.is_file())
+        return sorted(p for p in glob.iglob(entry, recursive=True) if os.path.isfile(p))
 
-    def _piece(self, path: Path, **kwargs) -> FilePiece:
-        row_file = path.suffix.lower() in ROW_SUFFIXES
+    def _piece(self, path: str, **kwargs) -> FilePiece:
+        row_file = file_suffix(path) in ROW_SUFFIXES
         return FilePiece(
             path, column=self.text_column if row_file else None, skip_unreadable=self.skip_unreadable, **kwargs
         )
 
-    def _split_of(self, files: list[Path]) -> FileText:
+    def _split_of(self, files: list[str]) -> FileText:
         return FileText([self._piece(p) for p in files])
 
     def _streamed(self, split: FileText) -> StreamedText:
@@ -149,24 +148,24 @@ class TextFileCorpus:
                 "of row files; name the held-out files with task.source.validation_files."
             )
         builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
-        kinds = {builders.get(p.path.suffix.lower(), "text") for p in split.pieces}
+        kinds = {builders.get(file_suffix(p.path), "text") for p in split.pieces}
         if len(kinds) > 1:
             raise LmforgeError(
                 f"task.source.streaming=true needs training files of one kind; these are {sorted(kinds)}."
             )
         kind = kinds.pop()
         options = {"text": {"sample_by": "line", "keep_linebreaks": True}, "csv": {"delimiter": "\t"}}
-        if kind == "csv" and split.pieces[0].path.suffix.lower() == ".csv":
+        if kind == "csv" and file_suffix(split.pieces[0].path) == ".csv":
             options["csv"] = {}
-        files = [str(p.path) for p in split.pieces]
+        files = [p.path for p in split.pieces]
         stream = load_dataset(kind, data_files=files, split="train", streaming=True, **options.get(kind, {}))
         column = "text" if kind == "text" else self.text_column
         return StreamedText(stream, column, f"{len(files)} {kind} files", joiner="" if kind == "text" else None)
 
-    def _held_out(self, files: list[Path]) -> dict[str, FileText]:
+    def _held_out(self, files: list[str]) -> dict[str, FileText]:
         """Train, validation (and test) drawn from one list of files by the fixed seed."""
-        whole = [p for p in files if p.suffix.lower() not in ROW_SUFFIXES]
-        rows = [p for p in files if p.suffix.lower() in ROW_SUFFIXES]
+        whole = [p for p in files if file_suffix(p) not in ROW_SUFFIXES]
+        rows = [p for p in files if file_suffix(p) in ROW_SUFFIXES]
         fractions = {"validation": self.holdout_fraction, "test": self.test_fraction}
         fractions = {split: f for split, f in fractions.items() if f > 0}
         # Each split's share of [0, 1): train first, then validation, then test.

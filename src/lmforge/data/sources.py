@@ -109,7 +109,7 @@ class TextCorpus:
             raise LmforgeError(
                 f"Dataset folder {folder} holds none of the expected files: {', '.join(self.local_files.values())}."
             )
-        return {split: FileText([FilePiece(path)]) for split, path in files.items()}
+        return {split: FileText([FilePiece(str(path))]) for split, path in files.items()}
 
     def _from_hub(self) -> dict[str, TextSplit]:
         from datasets import load_dataset
@@ -123,7 +123,7 @@ class TextCorpus:
 
     def _from_builtin(self) -> dict[str, TextSplit]:
         path = resources.files("lmforge.data.builtin").joinpath(f"{self.builtin}.txt")
-        return {"unsplit": FileText([FilePiece(Path(str(path)))])}
+        return {"unsplit": FileText([FilePiece(str(path))])}
 
     def _split_holdout(self, texts: dict) -> dict:
         """An ``unsplit`` text becomes train (its first characters) and validation (the last ``holdout_fraction``)."""
@@ -166,7 +166,7 @@ class TextFiles(TextCorpus):
                 f"to the data mirror."
             )
         keep = 1 - self.holdout_fraction
-        pieces = [FilePiece(path, column, rows_are_documents=False) for path, column in specs]
+        pieces = [FilePiece(str(path), column, rows_are_documents=False) for path, column in specs]
         splits = {
             "train": FileText([replace(piece, stop=keep) for piece in pieces]),
             "validation": FileText([replace(piece, start=keep) for piece in pieces]),

