@@ -79,6 +79,7 @@ def test_wordpiece_from_the_mirror_matches_transformers():
     assert ours.get_vocab_size() == theirs.vocab_size == 30522
     sentences = LabeledTexts(name="sst2", local_dir="glue/sst2", local_files={"validation": "validation.tsv"},
                              text_column="sentence", delimiter="\t").load(DATA_DIR, required=())["validation"]["text"]  # fmt: skip
+    sentences = list(sentences)
     assert [e.ids for e in ours.encode_batch(sentences)] == theirs(sentences)["input_ids"]
 
 

@@ -38,7 +38,7 @@ def test_one_file_is_split_and_string_labels_are_discovered(tmp_path):
     assert len(texts["train"]["text"]) == 150 and len(texts["validation"]["text"]) == 50
     for text, label in zip(texts["train"]["text"], texts["train"]["label"], strict=True):
         assert text.split()[3] in WORDS[source.label_names[label]]  # each text kept its own label
-    assert source.load(None)["validation"] == texts["validation"]  # the split is seeded
+    assert source.load(None)["validation"].to_dict() == texts["validation"].to_dict()  # the split is seeded
 
 
 def test_a_folder_of_json_lines_splits_and_bad_columns(tmp_path):

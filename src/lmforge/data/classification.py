@@ -5,15 +5,17 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer
 
-from lmforge.data.datamodules import ExampleDataModule
-from lmforge.data.tokenizers import pad_token_id
+from lmforge.data.datamodules import ExampleDataModule, ExampleRows, as_table
+from lmforge.data.sources import map_columns
+from lmforge.data.tokenizers import cached_tokenizer, pad_token_id, tokenizer_fingerprint
 
 
 class ClassificationDataModule(ExampleDataModule):
     """Batches of ``input_ids``, ``attention_mask`` (1 = token, 0 = padding) and ``labels``.
 
     Args:
-        texts: split -> {"text": [...], "label": [...]} (from :class:`lmforge.data.sources.LabeledTexts`).
+        texts: split -> an Arrow table of ``text`` and ``label`` (from :class:`lmforge.data.sources.LabeledTexts`);
+            the encoded sentences go into the datasets cache beside it, memory-mapped.
         tokenizer: the run's tokenizer; its post-processor adds [CLS]/[SEP] where it has them.
         max_length: longest tokenized sentence; longer ones are cut.
         batch_size: sentences per training batch.
@@ -44,11 +46,12 @@ class ClassificationDataModule(ExampleDataModule):
         self.pad_id = pad_token_id(tokenizer)
         tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: truncation is set on it
         tokenizer.enable_truncation(max_length)
+        settings = {"tokenizer": tokenizer_fingerprint(tokenizer)}
         self.examples = {
-            split: list(zip([e.ids for e in tokenizer.encode_batch(data["text"])], data["label"], strict=True))
+            split: ExampleRows(map_columns(as_table(data), _encode_texts, settings, keep=("label",)), ("ids", "label"))
             for split, data in texts.items()
         }
-        n = 1 + max(label for data in texts.values() for label in data["label"])
+        n = 1 + max(max(rows.table.unique("label")) for rows in self.examples.values())
         self.label_names = list(label_names) if label_names else [str(i) for i in range(n)]
 
     def task_arguments(self) -> dict:
@@ -66,3 +69,7 @@ class ClassificationDataModule(ExampleDataModule):
             mask[i, span] = 1
         labels = torch.tensor([label for _, label in batch])
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _encode_texts(batch: dict, tokenizer: str) -> dict:
+    return {"ids": [e.ids for e in cached_tokenizer(tokenizer).encode_batch(batch["text"])]}

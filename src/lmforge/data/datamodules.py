@@ -181,6 +181,41 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         return "test" in self.stores
 
 
+def as_table(data):
+    """A `datasets` table for a split given as one, or as a dict of columns (tests, a user's own lists)."""
+    if isinstance(data, dict):
+        from datasets import Dataset as ArrowDataset
+
+        return ArrowDataset.from_dict(data)
+    return data
+
+
+class ExampleRows(Dataset):
+    """Encoded examples in an Arrow table (memory-mapped from the datasets cache), read a row or a
+    batch at a time as tuples of ``columns``: what a list of tuples gave, without the list."""
+
+    def __init__(self, table, columns: tuple[str, ...]):
+        self.table = table
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int | slice):
+        if isinstance(i, slice):
+            return self.__getitems__(range(*i.indices(len(self))))
+        row = self.table[int(i)]
+        return tuple(row[c] for c in self.columns)
+
+    def __getitems__(self, indices) -> list[tuple]:
+        rows = self.table.select_columns(list(self.columns))[list(indices)]
+        return list(zip(*(rows[c] for c in self.columns)))
+
+    def column(self, name: str) -> np.ndarray:
+        """One column of every row as an array (lengths for bucketing)."""
+        return self.table.with_format("numpy")[name]
+
+
 class ExampleDataModule(pl.LightningDataModule):
     """Base of the DataModules whose splits are lists of encoded examples, padded per batch by ``collate``.
 

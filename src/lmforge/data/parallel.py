@@ -11,7 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.data.sources import SPLITS, LabeledTexts
+from datasets import Dataset
+
+from lmforge.data.sources import SPLITS, LabeledTexts, map_columns
+from lmforge.data.text_splits import ArrowText, TextSplit
 from lmforge.errors import LmforgeError
 
 
@@ -33,14 +36,13 @@ class ParallelTexts(LabeledTexts):
     source_column: str = "source"
     target_column: str = "target"
 
-    def training_text(self, splits: dict) -> str:
+    def training_text(self, splits: dict) -> TextSplit:
         """Both sides of the training pairs, one text per line: a joint vocabulary is trained on them."""
-        train = splits["train"]
-        return "\n".join(train["source"] + train["target"])
+        return ArrowText(splits["train"], ["source", "target"], joiner="\n")
 
     @staticmethod
     def _size(split) -> str:
-        return f"{len(split['source']):,} pairs"
+        return f"{len(split):,} pairs"
 
     def data_arguments(self) -> dict:
         """Nothing beyond the pairs."""
@@ -91,39 +93,47 @@ class ParallelTexts(LabeledTexts):
                     f"{pattern.format(lang=self.source_column)} has {len(sides[0]):,} lines but "
                     f"{pattern.format(lang=self.target_column)} has {len(sides[1]):,}; aligned files must match line for line."
                 )
-            out["unsplit" if split == "train" and "validation" not in files else split] = {
-                "source": sides[0], "target": sides[1]
-            }  # fmt: skip
+            name = "unsplit" if split == "train" and "validation" not in files else split
+            out[name] = Dataset.from_dict({"source": sides[0], "target": sides[1]})
         return out
 
     def _columns(self, ds) -> dict:
+        """Each split as an Arrow table of ``source`` and ``target`` texts."""
         out = {}
         for split in ds:
             if split not in (*SPLITS, "unsplit"):
                 continue
             table = ds[split]
-            if "translation" in table.column_names and self.source_column not in table.column_names:
-                pairs = table["translation"]
-                sources = [pair.get(self.source_column) for pair in pairs[:1]]
-                if None in sources:
+            translation = "translation" in table.column_names and self.source_column not in table.column_names
+            if translation:
+                languages = table[0]["translation"]
+                if self.source_column not in languages:
                     raise LmforgeError(
-                        f"Dataset '{self.name}' has languages {', '.join(pairs[0])}, not {self.source_column}; "
+                        f"Dataset '{self.name}' has languages {', '.join(languages)}, not {self.source_column}; "
                         f"set task.source_lang / task.target_lang."
                     )
-                out[split] = {
-                    "source": [pair[self.source_column] for pair in pairs],
-                    "target": [pair[self.target_column] for pair in pairs],
-                }
-                continue
-            for column in (self.source_column, self.target_column):
-                if column not in table.column_names:
-                    raise LmforgeError(
-                        f"Dataset '{self.name}' split {split} has no column '{column}' "
-                        f"(it has: {', '.join(table.column_names)}); set task.source_column / task.target_column."
-                    )
-            # SAMSum's dialogues break lines with \r\n or \n, as released: one convention for the tokenizer.
-            out[split] = {
-                "source": [str(t or "").replace("\r\n", "\n") for t in table[self.source_column]],
-                "target": [str(t or "").replace("\r\n", "\n") for t in table[self.target_column]],
+            else:
+                for column in (self.source_column, self.target_column):
+                    if column not in table.column_names:
+                        raise LmforgeError(
+                            f"Dataset '{self.name}' split {split} has no column '{column}' "
+                            f"(it has: {', '.join(table.column_names)}); set task.source_column / task.target_column."
+                        )
+            columns = {
+                "source_column": self.source_column,
+                "target_column": self.target_column,
+                "translation": translation,
             }
+            out[split] = map_columns(table, _source_and_target, columns)
         return out
+
+
+def _source_and_target(batch: dict, source_column: str, target_column: str, translation: bool) -> dict:
+    if translation:
+        pairs = batch["translation"]
+        return {"source": [p[source_column] for p in pairs], "target": [p[target_column] for p in pairs]}
+    # SAMSum's dialogues break lines with \r\n or \n, as released: one convention for the tokenizer.
+    return {
+        "source": [str(t or "").replace("\r\n", "\n") for t in batch[source_column]],
+        "target": [str(t or "").replace("\r\n", "\n") for t in batch[target_column]],
+    }

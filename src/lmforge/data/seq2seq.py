@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from lmforge.data.datamodules import ExampleDataModule
-from lmforge.data.tokenizers import eos_token_id, pad_token_id
+from lmforge.data.datamodules import ExampleDataModule, ExampleRows, as_table
+from lmforge.data.sources import map_columns
+from lmforge.data.tokenizers import cached_tokenizer, eos_token_id, pad_token_id, tokenizer_fingerprint
 
 IGNORE = -100  # label of positions the loss skips (padding)
 
@@ -17,7 +19,8 @@ class Seq2SeqDataModule(ExampleDataModule):
     and ``target_text`` (the untokenized references).
 
     Args:
-        texts: split -> {"source": [...], "target": [...]} (from :class:`lmforge.data.parallel.ParallelTexts`).
+        texts: split -> an Arrow table of ``source`` and ``target`` texts (from :class:`lmforge.data.parallel.ParallelTexts`);
+            the encoded pairs go into the datasets cache beside it, memory-mapped.
         tokenizer: the run's tokenizer; it must have an end-of-sequence token.
         max_source_length: longest source in tokens (EOS included); longer ones are cut.
         max_target_length: longest target in tokens (EOS included); longer ones are cut.
@@ -51,22 +54,22 @@ class Seq2SeqDataModule(ExampleDataModule):
         self.pad_id = pad_token_id(tokenizer)
         self.block_size = max(max_source_length, max_target_length)
         self.bucket_by_length = bucket_by_length
-        self.examples = {}
-        for split, pairs in texts.items():
-            sources = self._encode(tokenizer, [source_prefix + s for s in pairs["source"]], max_source_length)
-            targets = self._encode(tokenizer, pairs["target"], max_target_length)
-            self.examples[split] = list(zip(sources, targets, pairs["target"], strict=True))
+        settings = {
+            "tokenizer": tokenizer_fingerprint(tokenizer), "eos_id": self.eos_id, "source_prefix": source_prefix,
+            "max_source_length": max_source_length, "max_target_length": max_target_length,
+        }  # fmt: skip
+        self.examples = {
+            split: ExampleRows(map_columns(as_table(pairs), _encode_pairs, settings, keep=("target",)), self.COLUMNS)
+            for split, pairs in texts.items()
+        }
 
-    def _encode(self, tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-        """Token ids of each text, cut to ``max_length - 1``, then EOS."""
-        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
-        return [e.ids[: max_length - 1] + [self.eos_id] for e in encodings]
+    COLUMNS = ("source_ids", "target_ids", "target")
 
-    def training_lengths(self) -> list[int] | None:
+    def training_lengths(self) -> np.ndarray | None:
         """Source plus target length of each training pair, when bucketing."""
         if not self.bucket_by_length:
             return None
-        return [len(source) + len(target) for source, target, _ in self.examples["train"]]
+        return self.examples["train"].column("length")
 
     def task_arguments(self) -> dict:
         """Nothing beyond the tokenizer, which the task gets anyway."""
@@ -93,3 +96,17 @@ class Seq2SeqDataModule(ExampleDataModule):
             "labels": labels,
             "target_text": [text for _, _, text in batch],
         }
+
+
+def _encode_pairs(
+    batch: dict, tokenizer: str, eos_id: int, source_prefix: str, max_source_length: int, max_target_length: int
+) -> dict:
+    """Token ids of each source and target, cut to the longest allowed less one, then EOS."""
+    tok = cached_tokenizer(tokenizer)
+
+    def encode(texts: list[str], max_length: int) -> list[list[int]]:
+        return [e.ids[: max_length - 1] + [eos_id] for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+    sources = encode([source_prefix + s for s in batch["source"]], max_source_length)
+    targets = encode(batch["target"], max_target_length)
+    return {"source_ids": sources, "target_ids": targets, "length": [len(s) + len(t) for s, t in zip(sources, targets)]}

@@ -8,11 +8,13 @@ defaults to the environment variable ``LMFORGE_DATA``; its layout is the one of
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import random
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+
+import numpy as np
 
 from lmforge.data.streaming import StreamedText
 from lmforge.data.text_splits import ArrowText, FilePiece, FileText, TextSplit
@@ -202,13 +204,13 @@ class LabeledTexts(TextCorpus):
     SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
     EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json")
 
-    def training_text(self, splits: dict) -> str:
-        """The training sentences, one per line."""
-        return "\n".join(splits["train"]["text"])
+    def training_text(self, splits: dict) -> TextSplit:
+        """The training sentences, one per line (read from the Arrow table as the tokenizer needs them)."""
+        return ArrowText(splits["train"], "text", joiner="\n")
 
     @staticmethod
     def _size(split) -> str:
-        return f"{len(split['text']):,} examples"
+        return f"{len(split):,} examples"
 
     def data_arguments(self) -> dict:
         """The class names, known once the data is loaded."""
@@ -259,10 +261,11 @@ class LabeledTexts(TextCorpus):
         if not first.endswith((".json", ".jsonl", ".csv", ".tsv", ".txt")):
             raise LmforgeError(f"Cannot read {first}: labelled data must be .csv, .tsv, .json or .jsonl.")
         try:
+            # Arrow files in the datasets cache, memory-mapped: examples never become Python lists.
             if first.endswith((".json", ".jsonl")):
-                return self._columns(load_dataset("json", data_files=files, keep_in_memory=True))
+                return self._columns(load_dataset("json", data_files=files))
             delimiter = self.delimiter or ("\t" if first.endswith(".tsv") else ",")
-            return self._columns(load_dataset("csv", data_files=files, delimiter=delimiter, keep_in_memory=True))
+            return self._columns(load_dataset("csv", data_files=files, delimiter=delimiter))
         except DatasetGenerationError as err:  # a malformed file; the cause names the line
             cause = str(err.__cause__ or err).splitlines()[0]
             raise LmforgeError(f"Cannot read {', '.join(files.values())}: {cause}.") from err
@@ -273,7 +276,8 @@ class LabeledTexts(TextCorpus):
         return self._columns(load_dataset(self.hub_id, self.hub_config))
 
     def _columns(self, ds) -> dict:
-        out = {}
+        """Each split as an Arrow table of ``text`` (str) and ``label`` (the class index)."""
+        tables, values = {}, set()
         for split in ds:
             if split not in (*SPLITS, "unsplit"):
                 continue
@@ -281,42 +285,58 @@ class LabeledTexts(TextCorpus):
                 ds[split], (self.text_column, self.label_column), f"Dataset '{self.name}' split {split}",
                 "set task.data.text_column / task.data.label_column",
             )  # fmt: skip
-            labels = list(ds[split][self.label_column])
+            labels = ds[split].unique(self.label_column)
             if all(isinstance(x, int) and x < 0 for x in labels):
                 continue  # hidden test labels
-            out[split] = {"text": [str(t) for t in ds[split][self.text_column]], "label": labels}
-        values = sorted({x for split in out.values() for x in split["label"]}, key=lambda x: _natural(str(x)))
+            tables[split] = ds[split]
+            values.update(labels)
+        values = sorted(values, key=lambda x: _natural(str(x)))
+        index = None  # integer labels with given names: the integers are the class indices
         if self.label_names and all(isinstance(x, int) for x in values):
-            # Integer labels with given names: the integers are the class indices.
             if values[0] < 0 or values[-1] >= len(self.label_names):
                 raise LmforgeError(
                     f"Dataset '{self.name}' has labels {values[0]}..{values[-1]} but {len(self.label_names)} label_names."
                 )
-            return out
-        names = list(self.label_names) if self.label_names else [str(x) for x in values]
-        index = {name: i for i, name in enumerate(names)}
-        unknown = sorted({str(x) for x in values} - set(index))
-        if unknown:
-            raise LmforgeError(f"Dataset '{self.name}' has labels not in label_names: {', '.join(unknown[:5])}.")
-        for split in out.values():
-            split["label"] = [index[str(x)] for x in split["label"]]
-        self.label_names = names
-        return out
+        else:
+            names = list(self.label_names) if self.label_names else [str(x) for x in values]
+            index = {name: i for i, name in enumerate(names)}
+            unknown = sorted({str(x) for x in values} - set(index))
+            if unknown:
+                raise LmforgeError(f"Dataset '{self.name}' has labels not in label_names: {', '.join(unknown[:5])}.")
+            self.label_names = names
+        columns = {"text_column": self.text_column, "label_column": self.label_column, "index": index}
+        return {split: map_columns(table, _text_and_label, columns) for split, table in tables.items()}
 
     def _split_holdout(self, texts: dict) -> dict:
         if "unsplit" not in texts:
             return texts
         data = texts.pop("unsplit")
-        n = len(next(iter(data.values())))
-        order = random.Random(self.seed).sample(range(n), n)
+        n = len(data)
+        order = np.random.default_rng(self.seed).permutation(n)
         cut = max(1, int(n * self.holdout_fraction))
-        held, kept = order[:cut], order[cut:]
         log.info("data: no validation split; holding out %d of %d examples (holdout_fraction)", cut, n)
+        return {"train": data.select(np.sort(order[cut:])), "validation": data.select(np.sort(order[:cut])), **texts}
 
-        def take(rows: list[int]) -> dict:
-            return {key: [values[i] for i in rows] for key, values in data.items()}
 
-        return {"train": take(kept), "validation": take(held), **texts}
+def map_columns(table, function, arguments: dict, keep: tuple[str, ...] = ()):
+    """``table.map(function)`` over batches: its columns (but ``keep``) replaced by what ``function``
+    returns, written beside the table in the datasets cache under a key of the table, the function
+    and its arguments (plain values), so a second run with the same data reads it back."""
+    digest = hashlib.sha256(f"{table._fingerprint}|{function.__module__}.{function.__name__}".encode())
+    for key, value in sorted(arguments.items()):
+        digest.update(f"|{key}={value}".encode())
+    return table.map(
+        function, batched=True, fn_kwargs=arguments, new_fingerprint=digest.hexdigest()[:32],
+        remove_columns=[c for c in table.column_names if c not in keep],
+    )  # fmt: skip
+
+
+def _text_and_label(batch: dict, text_column: str, label_column: str, index: dict | None) -> dict:
+    labels = batch[label_column]
+    return {
+        "text": [str(t) for t in batch[text_column]],
+        "label": [int(x) for x in labels] if index is None else [index[str(x)] for x in labels],
+    }
 
 
 def require_columns(dataset, columns: tuple[str, ...], what: str, hint: str) -> None:

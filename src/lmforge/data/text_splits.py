@@ -181,26 +181,28 @@ class FileText(TextSplit):
 
 @dataclass
 class ArrowText(TextSplit):
-    """A split held by a `datasets` table (memory-mapped Arrow, e.g. a hub download): a row per document."""
+    """Text columns of a `datasets` table (memory-mapped Arrow, e.g. a hub download): each column
+    is one document of its rows, each followed by ``joiner``."""
 
     dataset: object
-    column: str
-    joiner: str = ""  # put between rows: the old sources joined a hub split's rows with nothing
+    columns: str | list[str]
+    joiner: str = ""  # the language-modelling sources joined a hub split's rows with nothing
 
     @property
     def fingerprint(self) -> str:
-        return f"arrow:{getattr(self.dataset, '_fingerprint', None)}:{self.column}:{self.joiner!r}"
+        return f"arrow:{getattr(self.dataset, '_fingerprint', None)}:{self.columns}:{self.joiner!r}"
 
     def describe(self) -> str:
         return f"{len(self.dataset):,} rows"
 
     def documents(self) -> Iterator[Iterator[str]]:
-        def rows() -> Iterator[str]:
-            for batch in self.dataset.iter(batch_size=1024):
-                for value in batch[self.column]:
+        def rows(column: str) -> Iterator[str]:
+            for batch in self.dataset.select_columns([column]).iter(batch_size=1024):
+                for value in batch[column]:
                     yield str(value) + self.joiner
 
-        yield rows()  # one document, as the rows were joined before
+        for column in [self.columns] if isinstance(self.columns, str) else self.columns:
+            yield rows(column)
 
 
 def line_chunks(pieces: Iterable[str], size: int = CHUNK_CHARS) -> Iterator[str]:

@@ -10,6 +10,7 @@ uses that file through :func:`load_tokenizer`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -209,6 +210,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return Tokenizer.from_file(str(path))
     except Exception as err:  # the tokenizers library raises bare Exceptions
         raise LmforgeError(f"Cannot read the tokenizer file {path}: {err}") from err
+
+
+@functools.lru_cache(maxsize=4)
+def cached_tokenizer(serialized: str) -> Tokenizer:
+    """A tokenizer from its JSON, built once per process: for `datasets.map` functions, whose
+    arguments are plain values that the map's cache key can hash."""
+    return Tokenizer.from_str(serialized)
 
 
 def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
