@@ -124,7 +124,7 @@ class ParallelTexts(LabeledTexts):
                 "target_column": self.target_column,
                 "translation": translation,
             }
-            out[split] = map_columns(table, _source_and_target, columns)
+            out[split] = map_columns(table, _source_and_target, columns, types={"source": "string", "target": "string"})
         return out
 
 

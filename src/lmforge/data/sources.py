@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import marshal
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -305,7 +306,8 @@ class LabeledTexts(TextCorpus):
                 raise LmforgeError(f"Dataset '{self.name}' has labels not in label_names: {', '.join(unknown[:5])}.")
             self.label_names = names
         columns = {"text_column": self.text_column, "label_column": self.label_column, "index": index}
-        return {split: map_columns(table, _text_and_label, columns) for split, table in tables.items()}
+        types = {"text": "string", "label": "int64"}
+        return {split: map_columns(table, _text_and_label, columns, types=types) for split, table in tables.items()}
 
     def _split_holdout(self, texts: dict) -> dict:
         if "unsplit" not in texts:
@@ -318,16 +320,25 @@ class LabeledTexts(TextCorpus):
         return {"train": data.select(np.sort(order[cut:])), "validation": data.select(np.sort(order[:cut])), **texts}
 
 
-def map_columns(table, function, arguments: dict, keep: tuple[str, ...] = ()):
+def map_columns(table, function, arguments: dict, keep: tuple[str, ...] = (), types: dict[str, str] | None = None):
     """``table.map(function)`` over batches: its columns (but ``keep``) replaced by what ``function``
-    returns, written beside the table in the datasets cache under a key of the table, the function
-    and its arguments (plain values), so a second run with the same data reads it back."""
+    returns, written beside the table in the datasets cache under a key of the table, the function's
+    code and its arguments (plain values), so a second run with the same data reads it back.
+
+    Args:
+        types: column name -> `datasets` value type of every output column (needed where an output
+            column has an input column's name but another type, which datasets would keep).
+    """
+    from datasets import Features, Value
+
     digest = hashlib.sha256(f"{table._fingerprint}|{function.__module__}.{function.__name__}".encode())
+    digest.update(marshal.dumps(function.__code__))
     for key, value in sorted(arguments.items()):
         digest.update(f"|{key}={value}".encode())
+    features = Features({name: Value(kind) for name, kind in types.items()}) if types else None
     return table.map(
         function, batched=True, fn_kwargs=arguments, new_fingerprint=digest.hexdigest()[:32],
-        remove_columns=[c for c in table.column_names if c not in keep],
+        remove_columns=[c for c in table.column_names if c not in keep], features=features,
     )  # fmt: skip
 
 
