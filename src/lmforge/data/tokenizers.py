@@ -20,7 +20,7 @@ from pathlib import Path
 from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from lmforge.data.text_splits import TextSplit, as_text_split, sample_chunks
+from lmforge.data.text_splits import TextSplit, as_text_split, line_chunks, sample_chunks
 from lmforge.errors import LmforgeError
 from lmforge.hub import hub_reachable
 
@@ -174,16 +174,7 @@ def _pieces(text: TrainingText) -> Iterable[str]:
 
 def _chunks(text: str, size: int = 1 << 16):
     """Yield the text in pieces of whole lines, so that encoding and training can work in batches."""
-    lines = text.splitlines(keepends=True)
-    buf, n = [], 0
-    for line in lines:
-        buf.append(line)
-        n += len(line)
-        if n >= size:
-            yield "".join(buf)
-            buf, n = [], 0
-    if buf:
-        yield "".join(buf)
+    return line_chunks(text.splitlines(keepends=True), size)
 
 
 def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
