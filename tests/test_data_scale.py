@@ -164,6 +164,30 @@ def test_two_processes_build_one_store_once(tmp_path):
     assert len(list((tmp_path / "c" / "tokens").glob("*/meta.json"))) == 1
 
 
+@pytest.mark.slow
+def test_torchrun_ranks_starting_together_build_each_store_once_and_train_on_it(tmp_path):
+    """Both ranks reach the build at once (torchrun starts them together, unlike Lightning's launcher):
+    one builds under the lock, the other waits and opens the same files; no barrier is involved."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"part{i}.txt").write_text(generated_text(4_000_000, seed=i))
+    args = [
+        "task=text", f"task.source.files={corpus}", "task.source.holdout_fraction=0.25", "trainer=ddp",
+        "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_steps=3", "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=2", "logger=none", "task.module.num_samples=0", "model.n_layer=1",
+        f"paths.output_root={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py")]
+    result = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    stores = sorted((tmp_path / "cache" / "tokens").iterdir())
+    assert len([p for p in stores if (p / "meta.json").is_file()]) == 2  # train and validation, once each
+    assert not [p for p in stores if ".tmp-" in p.name]
+    (record,) = (json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines())
+    assert record["world_size"] == 2 and record["steps"] == 3
+
+
 def test_an_interrupted_build_is_rebuilt_not_read(tmp_path):
     corpus = tmp_path / "big.txt"
     corpus.write_text(generated_text(30_000_000))
