@@ -8,6 +8,7 @@ columns or in a ``translation`` column of ``{lang: text}`` records (WMT on the h
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,22 +80,26 @@ class ParallelTexts(LabeledTexts):
         return self._read_aligned(files)
 
     def _read_aligned(self, files: dict[str, str]) -> dict:
-        """Read ``{lang}`` file pairs; the two sides must have the same number of lines."""
+        """Read ``{lang}`` file pairs into Arrow tables, a line at a time; the two sides must have the
+        same number of lines (blank lines at the end of a file do not count)."""
         out = {}
         for split, pattern in files.items():
-            sides = []
-            for lang in (self.source_column, self.target_column):
-                path = Path(pattern.format(lang=lang))
+            paths = [Path(pattern.format(lang=lang)) for lang in (self.source_column, self.target_column)]
+            for path in paths:
                 if not path.is_file():
                     raise LmforgeError(f"{path} is missing: aligned files come in pairs, one per language.")
-                sides.append(path.read_text(encoding="utf-8").rstrip("\n").split("\n"))
-            if len(sides[0]) != len(sides[1]):
+            counts = [_line_count(path) for path in paths]
+            if counts[0] != counts[1]:
                 raise LmforgeError(
-                    f"{pattern.format(lang=self.source_column)} has {len(sides[0]):,} lines but "
-                    f"{pattern.format(lang=self.target_column)} has {len(sides[1]):,}; aligned files must match line for line."
+                    f"{paths[0]} has {counts[0]:,} lines but {paths[1]} has {counts[1]:,}; "
+                    f"aligned files must match line for line."
                 )
+            # Sizes and times in the arguments: the datasets cache key of a generator is its arguments.
+            # (A string: datasets would share a list-valued argument out between shards.)
+            stamps = " ".join(f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths)
+            arguments = {"source": str(paths[0]), "target": str(paths[1]), "lines": counts[0], "stamps": stamps}
             name = "unsplit" if split == "train" and "validation" not in files else split
-            out[name] = Dataset.from_dict({"source": sides[0], "target": sides[1]})
+            out[name] = Dataset.from_generator(_aligned_pairs, gen_kwargs=arguments)
         return out
 
     def _columns(self, ds) -> dict:
@@ -137,3 +142,20 @@ def _source_and_target(batch: dict, source_column: str, target_column: str, tran
         "source": [str(t or "").replace("\r\n", "\n") for t in batch[source_column]],
         "target": [str(t or "").replace("\r\n", "\n") for t in batch[target_column]],
     }
+
+
+def _line_count(path: Path) -> int:
+    """Lines of a text file, not counting blank lines at its end."""
+    count = last = 0
+    with open(path, encoding="utf-8") as f:
+        for count, line in enumerate(f, 1):  # noqa: B007
+            if line.strip("\n"):
+                last = count
+    return last
+
+
+def _aligned_pairs(source: str, target: str, lines: int, stamps: str) -> Iterator[dict]:
+    """The first ``lines`` line pairs of two aligned files, without their line breaks."""
+    with open(source, encoding="utf-8") as a, open(target, encoding="utf-8") as b:
+        for left, right, _ in zip(a, b, range(lines)):
+            yield {"source": left.removesuffix("\n"), "target": right.removesuffix("\n")}
