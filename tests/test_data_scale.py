@@ -243,6 +243,13 @@ def test_an_empty_corpus_says_so(tmp_path):
 # --- file corpora --------------------------------------------------------------------------------
 
 
+def test_a_split_too_short_for_one_window_says_which_and_how_to_fix_it(tmp_path):
+    text = generated_text(5_000)
+    dm = LanguageModelingDataModule({"train": text, "validation": "too short\n"}, char_tokenizer(text), block_size=64)
+    with pytest.raises(LmforgeError, match=r"validation split holds 10 tokens, too few .*block_size=64"):
+        dm.val_dataloader()
+
+
 def test_text_files_are_split_by_document_with_a_fixed_seed(tmp_path):
     for i in range(200):
         (tmp_path / f"doc{i:03d}.txt").write_text(f"document {i}\n")

@@ -1,5 +1,5 @@
 """Lightning DataModules: windows of a memory-mapped token stream (language modelling), and the base
-of the DataModules whose splits are lists of encoded examples (classification, tagging)."""
+of the DataModules whose splits are encoded examples (classification, seq2seq, tagging, QA)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from lmforge.data.sampling import PermutedDataset, resumable_sampler
 from lmforge.data.streaming import StreamedText, StreamedWindows
 from lmforge.data.text_splits import TextSplit, as_text_split
 from lmforge.data.token_store import TokenStore, open_or_build
+from lmforge.errors import LmforgeError
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,13 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         self._stream_state = state
 
     def _windows(self, split: str, stride: int) -> TokenWindows:
-        return TokenWindows(self.stores[split], self.block_size, stride)
+        store = self.stores[split]
+        if len(store) <= self.block_size:
+            raise LmforgeError(
+                f"The {split} split holds {len(store):,} tokens, too few for one window of "
+                f"task.data.block_size={self.block_size}; give it more text or lower task.data.block_size."
+            )
+        return TokenWindows(store, self.block_size, stride)
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(
@@ -197,6 +204,7 @@ class ExampleRows(Dataset):
     def __init__(self, table, columns: tuple[str, ...]):
         self.table = table
         self.columns = columns
+        self._rows = table.select_columns(list(columns))  # once, not per batch
 
     def __len__(self) -> int:
         return len(self.table)
@@ -204,11 +212,11 @@ class ExampleRows(Dataset):
     def __getitem__(self, i: int | slice):
         if isinstance(i, slice):
             return self.__getitems__(range(*i.indices(len(self))))
-        row = self.table[int(i)]
+        row = self._rows[int(i)]
         return tuple(row[c] for c in self.columns)
 
     def __getitems__(self, indices) -> list[tuple]:
-        rows = self.table.select_columns(list(self.columns))[list(indices)]
+        rows = self._rows[list(indices)]
         return list(zip(*(rows[c] for c in self.columns)))
 
     def column(self, name: str) -> np.ndarray:

@@ -66,7 +66,7 @@ class TextFileCorpus:
             data_dir: unused (the files are the user's); present so that every source has the same call.
             required: splits the run needs.
         """
-        files = self._expand(self.files, "files")
+        files = self._expand(self.roots(), "files")
         if self.validation_files or self.test_files:
             splits = {"train": self._split_of(files)}
             for split, spec, key in (
@@ -74,7 +74,7 @@ class TextFileCorpus:
                 ("test", self.test_files, "test_files"),
             ):
                 if spec:
-                    splits[split] = self._split_of(self._expand(spec, key))
+                    splits[split] = self._split_of(self._expand(_as_list(spec), key))
         else:
             splits = self._held_out(files)
         missing = [s for s in required if s not in splits]
@@ -98,11 +98,10 @@ class TextFileCorpus:
 
     def roots(self) -> list[str]:
         """What ``files`` names (overridden by corpora with a default)."""
-        return [self.files] if isinstance(self.files, str) else list(self.files or [])
+        return _as_list(self.files)
 
-    def _expand(self, spec: list[str] | str | None, key: str) -> list[str]:
-        """Every file a spec names, sorted, each once."""
-        entries = self.roots() if key == "files" else ([spec] if isinstance(spec, str) else list(spec or []))
+    def _expand(self, entries: list[str], key: str) -> list[str]:
+        """Every file that ``entries`` (the value of ``task.source.<key>``) names, sorted, each once."""
         if not entries:
             raise LmforgeError(f"Corpus '{self.name}' names no files; set task.source.{key}=<file, folder or glob>.")
         found: dict[str, None] = {}
@@ -154,11 +153,13 @@ class TextFileCorpus:
                 f"task.source.streaming=true needs training files of one kind; these are {sorted(kinds)}."
             )
         kind = kinds.pop()
-        options = {"text": {"sample_by": "line", "keep_linebreaks": True}, "csv": {"delimiter": "\t"}}
-        if kind == "csv" and file_suffix(split.pieces[0].path) == ".csv":
-            options["csv"] = {}
+        options = {}
+        if kind == "text":
+            options = {"sample_by": "line", "keep_linebreaks": True}
+        elif file_suffix(split.pieces[0].path) == ".tsv":
+            options = {"delimiter": "\t"}
         files = [p.path for p in split.pieces]
-        stream = load_dataset(kind, data_files=files, split="train", streaming=True, **options.get(kind, {}))
+        stream = load_dataset(kind, data_files=files, split="train", streaming=True, **options)
         column = "text" if kind == "text" else self.text_column
         return StreamedText(stream, column, f"{len(files)} {kind} files", joiner="" if kind == "text" else None)
 
@@ -189,6 +190,10 @@ class TextFileCorpus:
             if pieces:
                 out[split] = FileText(pieces, rows=RowHoldout(self.split_seed, a, b) if rows else None)
         return out
+
+
+def _as_list(spec: list[str] | str | None) -> list[str]:
+    return [spec] if isinstance(spec, str) else list(spec or [])
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import marshal
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -135,11 +135,8 @@ class TextCorpus:
         text = texts["unsplit"]
         keep = 1 - self.holdout_fraction
         if isinstance(text, FileText):
-            (piece,) = text.pieces
-            return {
-                "train": FileText([replace(piece, stop=keep)]),
-                "validation": FileText([replace(piece, start=keep)]),
-            }
+            train, validation = text.cut(keep)
+            return {"train": train, "validation": validation}
         cut = int(len(text) * keep)
         return {"train": text[:cut], "validation": text[cut:]}
 
@@ -168,13 +165,9 @@ class TextFiles(TextCorpus):
                 f"Corpus '{self.name}' is missing {', '.join(missing)}; set LMFORGE_DATA (or paths.data_dir) "
                 f"to the data mirror."
             )
-        keep = 1 - self.holdout_fraction
-        pieces = [FilePiece(str(path), column, rows_are_documents=False) for path, column in specs]
-        splits = {
-            "train": FileText([replace(piece, stop=keep) for piece in pieces]),
-            "validation": FileText([replace(piece, start=keep) for piece in pieces]),
-        }
-        return splits, f"{len(specs)} files in {root}"
+        files = FileText([FilePiece(str(path), column, rows_are_documents=False) for path, column in specs])
+        train, validation = files.cut(1 - self.holdout_fraction)
+        return {"train": train, "validation": validation}, f"{len(specs)} files in {root}"
 
 
 @dataclass

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import IterableDataset
 
 from lmforge.data.text_splits import TextSplit
-from lmforge.data.token_store import SEPARATORS
+from lmforge.data.token_store import document_separator
 
 DOCS_PER_BATCH = 64
 
@@ -71,9 +71,7 @@ class StreamedWindows(IterableDataset):
         self.dataset = split_dataset_by_node(text.dataset, rank, world_size) if world_size > 1 else text.dataset
         self.tokenizer = tokenizer
         self.block_size = block_size
-        separator = next((t for t in SEPARATORS if tokenizer.token_to_id(t) is not None), "\n")
-        if text.joiner is not None:
-            separator = text.joiner
+        separator = document_separator(tokenizer) if text.joiner is None else text.joiner
         self.separator = tokenizer.encode(separator, add_special_tokens=False).ids if separator else []
         self.snapshots: deque[dict] = deque(maxlen=16)
         self._start: dict | None = None  # the snapshot to start from, and windows of it to skip

@@ -15,7 +15,7 @@ import logging
 import os
 import random
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lmforge.errors import LmforgeError
 
@@ -165,11 +165,19 @@ class FileText(TextSplit):
         files = len({p.path for p in self.pieces})
         return f"{files:,} file{'s' * (files != 1)}, {self.num_bytes / 1e6:,.1f} MB"
 
+    def cut(self, keep: float) -> tuple[FileText, FileText]:
+        """Each file's first ``keep`` of its characters, and the rest (a validation split from the end)."""
+        return FileText([replace(p, stop=keep) for p in self.pieces]), FileText(
+            [replace(p, start=keep) for p in self.pieces]
+        )
+
     def documents(self) -> Iterator[Iterator[str]]:
         for piece in self.pieces:
-            if piece.skip_unreadable and not _is_utf8_text(piece.path):
-                continue
-            if piece.column is None:
+            if piece.column is None and piece.skip_unreadable:
+                text = _utf8_text_or_none(piece.path)  # read once: checked, then split into lines
+                if text is not None:
+                    yield _sliced(piece, lambda t=text: iter(io.StringIO(t, newline=None)))
+            elif piece.column is None:
                 yield _sliced(piece, lambda p=piece: _text_lines(p.path))
             elif piece.rows_are_documents:
                 for row, value in enumerate(_column_values(piece.path, piece.column)):
@@ -248,17 +256,18 @@ def _prefixed(first: str, pieces: Iterator[str]) -> Iterator[str]:
     yield from pieces
 
 
-def _is_utf8_text(path: str) -> bool:
+def _utf8_text_or_none(path: str) -> str | None:
+    """A whole file's text, or None (with a warning) when it is not readable UTF-8 text."""
     try:
         with open(path, "rb") as f:
             text = f.read().decode("utf-8")
     except (OSError, UnicodeDecodeError):
         log.warning("data: left out %s, which is not readable UTF-8 text", path)
-        return False
+        return None
     if "\x00" in text:
         log.warning("data: left out %s, which holds NUL bytes (binary)", path)
-        return False
-    return True
+        return None
+    return text
 
 
 def _text_lines(path: str) -> Iterator[str]:

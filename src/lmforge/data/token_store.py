@@ -65,6 +65,11 @@ def progress_bar():
             _progress = None
 
 
+def document_separator(tokenizer: Tokenizer) -> str:
+    """What goes between two documents: the tokenizer's end-of-text token when it has one, else a newline."""
+    return next((t for t in SEPARATORS if tokenizer.token_to_id(t) is not None), "\n")
+
+
 def token_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
     """The id type of a store: uint16 when the vocabulary fits (``auto``), else uint32; or the one asked for."""
     limits = {"uint16": 2**16, "uint32": 2**32}
@@ -154,14 +159,14 @@ def open_or_build(
     cache_dir: str | Path,
     name: str = "train",
     requested_dtype: str = "auto",
-    progress: Callable[[int, int], None] | None = None,
 ) -> TokenStore:
     """The store of ``split`` under ``cache_dir``: opened when it exists, else built (by one process at a time).
 
     Args:
         name: the split's name, for messages.
         requested_dtype: ``auto``, ``uint16`` or ``uint32`` (``task.data.token_dtype``).
-        progress: called with (bytes read, total bytes or 0) as the build goes.
+
+    Inside :func:`progress_bar` the build shows a progress bar.
     """
     dtype = token_dtype(tokenizer.get_vocab_size(), requested_dtype)
     root = Path(cache_dir).expanduser() / "tokens"
@@ -180,28 +185,20 @@ def open_or_build(
         lock.acquire()
     try:
         if not (final / "meta.json").is_file():  # another process may have built it while we waited
-            _build(split, tokenizer, final, dtype, name, progress)
+            _build(split, tokenizer, final, dtype, name)
     finally:
         lock.release()
     return TokenStore(final)
 
 
-def _build(
-    split: TextSplit,
-    tokenizer: Tokenizer,
-    final: Path,
-    dtype: np.dtype,
-    name: str,
-    progress: Callable[[int, int], None] | None,
-) -> None:
+def _build(split: TextSplit, tokenizer: Tokenizer, final: Path, dtype: np.dtype, name: str) -> None:
     for stale in final.parent.glob(final.name + ".tmp-*"):  # left by a killed build: we hold the lock
         shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f"{final.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     started = time.perf_counter()
     total_bytes = split.num_bytes or 0
-    if progress is None and _progress is not None:
-        progress = _progress(name, total_bytes)
+    progress = _progress(name, total_bytes) if _progress is not None else None
     log.info("data: tokenizing the %s split (%s) into %s", name, split.describe(), final)
     try:
         writer = _ShardWriter(tmp, dtype)
@@ -247,34 +244,33 @@ def _encode_into(
     progress: Callable[[int, int], None] | None,
 ) -> int:
     """Encode the split's documents in batches of line chunks and write their ids; return the documents' characters."""
-    separator = next((t for t in SEPARATORS if tokenizer.token_to_id(t) is not None), "\n")
-    text_chars = 0  # of the documents, not counting separators
-
-    def chunks():
-        nonlocal text_chars
-        for i, doc in enumerate(split.documents()):
-            if i:
-                yield separator
-            for chunk in line_chunks(doc):
-                text_chars += len(chunk)
-                yield chunk
-
+    separator = document_separator(tokenizer)
+    text_chars = read_chars = 0  # text_chars: of the documents, not counting separators
     batch: list[str] = []
-    batch_chars = read_chars = 0
-    for chunk in itertools.chain(chunks(), [None]):
-        if chunk is not None:
+
+    def write_batch() -> None:
+        nonlocal read_chars
+        ids = [e.ids for e in tokenizer.encode_batch(batch, add_special_tokens=False)]  # .ids builds a list: once
+        writer.write(np.fromiter(itertools.chain.from_iterable(ids), dtype, count=sum(map(len, ids))))
+        read_chars += sum(map(len, batch))  # characters stand in for bytes: exact for ASCII text
+        if progress is not None:
+            progress(min(read_chars, total_bytes) if total_bytes else read_chars, total_bytes)
+        batch.clear()
+
+    batch_chars = 0
+    for i, doc in enumerate(split.documents()):
+        if i:
+            batch.append(separator)
+            batch_chars += len(separator)
+        for chunk in line_chunks(doc):
             batch.append(chunk)
             batch_chars += len(chunk)
-            if batch_chars < BATCH_CHARS:
-                continue
-        if batch:
-            encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
-            count = sum(len(e.ids) for e in encodings)
-            writer.write(np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype, count=count))
-            read_chars += batch_chars  # characters stand in for bytes: exact for ASCII text
-            if progress is not None:
-                progress(min(read_chars, total_bytes) if total_bytes else read_chars, total_bytes)
-        batch, batch_chars = [], 0
+            text_chars += len(chunk)
+            if batch_chars >= BATCH_CHARS:
+                write_batch()
+                batch_chars = 0
+    if batch:
+        write_batch()
     return text_chars
 
 
