@@ -347,10 +347,66 @@ def test_a_streamed_corpus_trains_and_resumes_where_it_stopped(cfg_factory, tmp_
         assert resumed["metrics"][key] == pytest.approx(straight["metrics"][key], abs=1e-5), key
 
 
+def _stream_windows(path: Path, rank: int, world_size: int, resume: tuple | None = None) -> list[list[int]]:
+    from datasets import load_dataset
+
+    from lmforge.data.streaming import StreamedText, StreamedWindows
+
+    stream = load_dataset("json", data_files=[str(path)], split="train", streaming=True)
+    windows = StreamedWindows(StreamedText(stream, "text", "test"), char_tokenizer(WORDS_TEXT), 16, rank, world_size)
+    if resume is not None:
+        windows.resume_at(*resume)
+    out = [x.tolist() + y[-1:].tolist() for x, y in windows]
+    return out, list(windows.snapshots)
+
+
+WORDS_TEXT = " \n" + "".join(sorted(set("".join(WORDS))))
+
+
+def test_ddp_ranks_take_turns_at_a_stream_and_get_the_same_number_of_windows(tmp_path):
+    # 200 short documents in 64-document batches: rounds of windows straddle the batches.
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": generated_text(50, seed=i)}) + "\n" for i in range(200)))
+    alone, _ = _stream_windows(path, 0, 1)
+    ranks = [_stream_windows(path, r, 3)[0] for r in range(3)]
+    assert len(alone) % 3 and len({len(windows) for windows in ranks}) == 1  # equal, though not divisible
+    assert [w for round_ in zip(*ranks) for w in round_] == alone[: len(ranks[0]) * 3]  # rank r: windows r, r+3, ...
+    # A resumed rank continues with its own next window, from a snapshot of the whole stream's position.
+    _, snapshots = _stream_windows(path, 1, 3)
+    resumed, _ = _stream_windows(path, 1, 3, resume=(snapshots, 3 * 4))  # 4 windows per rank were taken
+    assert resumed == ranks[1][4:]
+
+
 PEAK_RSS = (
     "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
     "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)"
 )
+
+
+@pytest.mark.slow
+def test_a_stream_shorter_than_the_run_trains_under_ddp_across_its_end(tmp_path):
+    """Two gloo ranks on a stream they read to the end several times: neither waits for the
+    other's data in a collective (split by rows, the ranks would hold different numbers of windows)."""
+    folder = tmp_path / "stream"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(
+        "".join(json.dumps({"text": generated_text(300, seed=i)}) + "\n" for i in range(9))
+    )
+    (folder / "valid.jsonl").write_text(json.dumps({"text": generated_text(3_000, seed=99)}) + "\n")
+    args = [
+        "task=text", f"task.source.files={folder}/train.jsonl", f"task.source.validation_files={folder}/valid.jsonl",
+        "task.source.streaming=true", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+        "trainer.max_steps=30", "trainer.val_check_interval=10", "trainer.limit_val_batches=2", "logger=none",
+        "task.module.num_samples=0", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "task.data.block_size=32",
+        "task.data.batch_size=4", f"paths.output_root={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (record,) = (json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines())
+    assert record["world_size"] == 2 and record["steps"] == 30
+    (last,) = (tmp_path / "out").glob("runs/*/*/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=True)["epoch"] >= 2  # 2.7 kB in windows of 32, 8 a step: 10 steps a pass
 
 
 @pytest.mark.slow

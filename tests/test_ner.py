@@ -48,6 +48,29 @@ def test_conll_reader_splits_sentences_and_takes_the_tag_column(tmp_path):
         read_conll(path)
 
 
+def test_conll_files_become_memory_mapped_tables_and_a_bad_file_is_one_sentence(tmp_path):
+    folder = tmp_path / "conll2003"
+    folder.mkdir()
+    (folder / "train.txt").write_text("EU NNP B-ORG\nrejects VBZ O\n\nPeter NNP B-PER\n")
+    (folder / "valid.txt").write_text("-DOCSTART- -X- O\n\n")
+    with pytest.raises(LmforgeError, match=r"valid.txt holds no tagged sentences"):
+        TaggedSentences(**CONLL).load(str(tmp_path))
+    (folder / "valid.txt").write_text("Peter NNP B-PER\n\nBlackburn\n")  # the bad line is found while writing
+    with pytest.raises(LmforgeError, match=r"valid.txt:3 has one column"):
+        TaggedSentences(**CONLL).load(str(tmp_path))
+    (folder / "valid.txt").write_text("Peter NNP B-PER\nBlackburn NNP I-PER\n")
+    with pytest.raises(LmforgeError, match=r"split validation has tags missing from the training split .*: I-PER"):
+        TaggedSentences(**CONLL).load(str(tmp_path))
+    (folder / "valid.txt").write_text("Peter NNP B-PER\nrejects VBZ O\n")  # edited: read again, not the cached copy
+    splits = TaggedSentences(**CONLL).load(str(tmp_path))
+    assert splits["validation"].to_dict() == {"tokens": [["Peter", "rejects"]], "tags": [[2, 0]]}
+    tokenizer = word_tokenizer("EU rejects Peter", min_frequency=1)
+    dm = TokenClassificationDataModule(splits, tokenizer, ["O", "B-ORG", "B-PER"])
+    for split in ("train", "validation"):  # sentences and encodings are files in the datasets cache
+        assert splits[split].cache_files and dm.examples[split].table.cache_files
+    assert dm.collate(dm.examples["train"])["word_tags"].tolist() == [[1, 0], [2, -100]]
+
+
 def test_missing_dataset_folder_is_one_sentence(tmp_path):
     with pytest.raises(LmforgeError, match=r"Dataset 'conll2003' not found: looked in .*conll2003 and the hub id"):
         TaggedSentences(**CONLL).load(str(tmp_path))
@@ -72,7 +95,7 @@ def test_hub_copy_is_read_with_its_class_label_names(tmp_path, monkeypatch):
     source = TaggedSentences(**CONLL)
     splits = source.load(str(tmp_path), required=("train", "test"))  # no local folder: the hub
     assert source.tag_names == ["O", "B-MISC", "B-ORG", "B-PER", "I-PER"]  # O first, then sorted
-    assert splits["test"] == {"tokens": rows["tokens"], "tags": [[2, 0, 1, 0], [3, 4]]}
+    assert splits["test"].to_dict() == {"tokens": rows["tokens"], "tags": [[2, 0, 1, 0], [3, 4]]}
 
 
 @requires_data
@@ -84,7 +107,7 @@ def test_conll2003_splits_tags_and_training_text(conll):
     entities = [sum(tag == TAGS.index(f"B-{kind}") for row in splits["test"]["tags"] for tag in row)
                 for kind in ("LOC", "MISC", "ORG", "PER")]  # fmt: skip
     assert entities == [1_668, 702, 1_661, 1_617]  # the counts the data README gives
-    text = source.training_text(splits)
+    text = source.training_text(splits).text()
     assert text.startswith("EU rejects German call to boycott British lamb .\nPeter Blackburn\n")
     assert len(text.splitlines()) == 14_041
 
@@ -93,7 +116,7 @@ def test_conll2003_splits_tags_and_training_text(conll):
 def test_a_word_split_into_sub_tokens_has_its_tag_on_the_first_only(conll):
     _, splits = conll
     tokenizer = wordpiece_tokenizer(vocab_file=str(Path(DATA_DIR) / "tokenizers" / "bert-base-uncased" / "vocab.txt"))
-    sentence = {key: values[4:5] for key, values in splits["train"].items()}  # "... Werner Zwingmann said ..."
+    sentence = splits["train"].select([4])  # "... Werner Zwingmann said ..."
     dm = TokenClassificationDataModule({"train": sentence}, tokenizer, TAGS)
     batch = dm.collate(dm.examples["train"])
     tokens = [tokenizer.id_to_token(i) for i in batch["input_ids"][0].tolist()]

@@ -16,11 +16,13 @@ from omegaconf import OmegaConf
 from conftest import DATA_DIR, REPO, entry_cfg, make_cfg, requires_data
 from lmforge.data.squad import (
     QuestionAnsweringDataModule,
+    QuestionRows,
     QuestionWindows,
     SquadQuestions,
     answer_token_span,
     collate_questions,
     encode_questions,
+    first_answer,
 )
 from lmforge.data.tokenizers import wordpiece_tokenizer
 from lmforge.errors import LmforgeError
@@ -269,22 +271,30 @@ def test_a_window_longer_than_the_model_is_one_sentence():
 
 
 @requires_data
-def test_windows_are_cached_and_read_back_the_same(squad, bert_tokenizer, tmp_path):
-    small = {split: {k: v[:40] for k, v in columns.items()} for split, columns in squad.items()}
-    built = QuestionAnsweringDataModule(small, bert_tokenizer, max_length=128, stride=32, cache_dir=str(tmp_path))
-    assert len(list((tmp_path / "qa-windows").glob("*.npz"))) == 3
-    cached = QuestionAnsweringDataModule(small, bert_tokenizer, max_length=128, stride=32, cache_dir=str(tmp_path))
-    for split in small:
-        for a, b in zip(built.examples[split], cached.examples[split], strict=True):
-            assert a.index == b.index and len(a.windows) == len(b.windows)
-            for wa, wb in zip(a.windows, b.windows):
-                assert (
-                    (wa.ids == wb.ids).all()
-                    and (wa.offsets == wb.offsets).all()
-                    and (wa.start, wa.end) == (wb.start, wb.end)
-                )
+def test_windows_live_in_the_datasets_cache_and_match_a_direct_encoding(squad, bert_tokenizer):
+    small = {split: table.select(range(40)) for split, table in squad.items()}
+    built = QuestionAnsweringDataModule(small, bert_tokenizer, max_length=128, stride=32)
+    again = QuestionAnsweringDataModule(small, bert_tokenizer, max_length=128, stride=32)
+    for split, table in small.items():
+        rows = built.examples[split] if split != "train" else QuestionRows(built.examples[split])
+        cached = again.examples[split] if split != "train" else QuestionRows(again.examples[split])
+        files = rows.windows.table.cache_files
+        assert files and files == cached.windows.table.cache_files  # written once, memory-mapped back
+        answers = [first_answer(a) for a in table["answers"]]
+        direct = encode_questions(bert_tokenizer, list(table["question"]), list(table["context"]), answers,
+                                  max_length=128, stride=32)  # fmt: skip
+        read = rows.__getitems__(range(len(rows)))
+        assert [q.index for q in read] == list(range(40))
+        for question, windows in zip(read, direct, strict=True):
+            assert len(question.windows) == len(windows)
+            for a, b in zip(question.windows, windows):
+                assert (a.ids == b.ids).all() and (a.type_ids == b.type_ids).all() and (a.offsets == b.offsets).all()
+                assert (a.start, a.end) == (b.start, b.end)
     assert built.split_sizes == {"train": 40, "validation": 40, "test": 40}
     assert len(built.examples["train"]) > 40  # training items are windows
+    batch = built.collate_for("validation")(built.examples["validation"].__getitems__([3, 1]))
+    assert batch["id"] == [small["validation"][3]["id"], small["validation"][1]["id"]]
+    assert batch["question"].max() == 1  # windows point at the batch's own rows
 
 
 # A tiny bert from scratch, a few dozen steps on the local training articles.

@@ -168,7 +168,7 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         self._stream_windows = StreamedWindows(self.stream, self.tokenizer, self.block_size, rank, world)
         if self._stream_state.get("stream_snapshots") and self.trainer is not None:
             done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed * self.batch_size
-            self._stream_windows.resume_at(self._stream_state["stream_snapshots"], done)
+            self._stream_windows.resume_at(self._stream_state["stream_snapshots"], done * world)
         # One process reads the stream (a worker each would read it all again); encoding runs on every core anyway.
         return DataLoader(
             self._stream_windows, batch_size=self.batch_size, drop_last=True, generator=self._loader_generator()
@@ -221,7 +221,7 @@ class ExampleRows(Dataset):
 
     def column(self, name: str) -> np.ndarray:
         """One column of every row as an array (lengths for bucketing)."""
-        return self.table.with_format("numpy")[name]
+        return self.table.select_columns([name]).with_format("numpy")[:][name]
 
 
 class ExampleDataModule(pl.LightningDataModule):

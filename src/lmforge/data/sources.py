@@ -313,7 +313,10 @@ class LabeledTexts(TextCorpus):
         return {"train": data.select(np.sort(order[cut:])), "validation": data.select(np.sort(order[:cut])), **texts}
 
 
-def map_columns(table, function, arguments: dict, keep: tuple[str, ...] = (), types: dict[str, str] | None = None):
+def map_columns(
+    table, function, arguments: dict, keep: tuple[str, ...] = (), types: dict[str, str] | None = None,
+    with_indices: bool = False,
+):  # fmt: skip
     """``table.map(function)`` over batches: its columns (but ``keep``) replaced by what ``function``
     returns, written beside the table in the datasets cache under a key of the table, the function's
     code and its arguments (plain values), so a second run with the same data reads it back.
@@ -321,6 +324,7 @@ def map_columns(table, function, arguments: dict, keep: tuple[str, ...] = (), ty
     Args:
         types: column name -> `datasets` value type of every output column (needed where an output
             column has an input column's name but another type, which datasets would keep).
+        with_indices: pass ``function`` the row numbers of the batch too (after the batch).
     """
     from datasets import Features, Value
 
@@ -330,9 +334,30 @@ def map_columns(table, function, arguments: dict, keep: tuple[str, ...] = (), ty
         digest.update(f"|{key}={value}".encode())
     features = Features({name: Value(kind) for name, kind in types.items()}) if types else None
     return table.map(
-        function, batched=True, fn_kwargs=arguments, new_fingerprint=digest.hexdigest()[:32],
+        function, batched=True, fn_kwargs=arguments, new_fingerprint=digest.hexdigest()[:32], with_indices=with_indices,
         remove_columns=[c for c in table.column_names if c not in keep], features=features,
     )  # fmt: skip
+
+
+def rows_table(generator, arguments: dict, features, empty: str):
+    """A `datasets` table of the rows that ``generator(**arguments)`` yields, written to the datasets
+    cache a batch at a time (keyed by the arguments) and memory-mapped back.
+
+    Args:
+        features: the `datasets` features of a row.
+        empty: the sentence to fail with when the generator yields nothing.
+    """
+    from datasets import Dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    if next(iter(generator(**arguments)), None) is None:  # datasets' own words for it would be "no data!"
+        raise LmforgeError(empty)
+    try:
+        return Dataset.from_generator(generator, gen_kwargs=arguments, features=features)
+    except DatasetGenerationError as e:  # a bad line found by the generator: its own sentence
+        if isinstance(e.__cause__, LmforgeError):
+            raise e.__cause__ from None
+        raise
 
 
 def _text_and_label(batch: dict, text_column: str, label_column: str, index: dict | None) -> dict:

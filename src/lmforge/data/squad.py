@@ -9,19 +9,22 @@ that does not hold the whole answer points at position 0 ([CLS]).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from tokenizers import Encoding, Tokenizer
+from torch.utils.data import Dataset
 
-from lmforge.data.datamodules import ExampleDataModule
-from lmforge.data.sources import SPLITS, TextCorpus, require_columns
-from lmforge.data.tokenizers import pad_token_id, tokenizer_fingerprint
+from lmforge.data.datamodules import ExampleDataModule, ExampleRows, as_table
+from lmforge.data.sources import SPLITS, TextCorpus, map_columns, require_columns, rows_table
+from lmforge.data.text_splits import ArrowText, TextSplit
+from lmforge.data.tokenizers import cached_tokenizer, pad_token_id, tokenizer_fingerprint
 from lmforge.errors import LmforgeError
 
 log = logging.getLogger(__name__)
@@ -29,36 +32,47 @@ log = logging.getLogger(__name__)
 COLUMNS = ("id", "title", "context", "question", "answers")
 
 
-def read_squad_file(path: Path) -> dict[str, list]:
-    """Read an official SQuAD JSON file (``{"data": [{"title", "paragraphs": [...]}]}``) into columns.
-
-    Returns:
-        {"id", "title", "context", "question": [str], "answers": [{"text": [str], "answer_start": [int]}]},
-        one entry per question, in file order.
-    """
+def squad_rows(path: str | Path) -> Iterator[dict]:
+    """The questions of an official SQuAD JSON file (``{"data": [{"title", "paragraphs": [...]}]}``), one
+    row each in file order: ``id``, ``title``, ``context``, ``question`` (str) and ``answers``
+    (``{"text": [str], "answer_start": [int]}``)."""
     try:
-        articles = json.loads(path.read_text(encoding="utf-8"))["data"]
-        out: dict[str, list] = {column: [] for column in COLUMNS}
+        articles = json.loads(Path(path).read_text(encoding="utf-8"))["data"]
         for article in articles:
             for paragraph in article["paragraphs"]:
                 for qa in paragraph["qas"]:
-                    out["id"].append(qa["id"])
-                    out["title"].append(article["title"])
-                    out["context"].append(paragraph["context"])
-                    out["question"].append(qa["question"])
-                    out["answers"].append(
-                        {
-                            "text": [a["text"] for a in qa["answers"]],
-                            "answer_start": [a["answer_start"] for a in qa["answers"]],
-                        }
-                    )
+                    yield {
+                        "id": qa["id"], "title": article["title"], "context": paragraph["context"],
+                        "question": qa["question"],
+                        "answers": {"text": [a["text"] for a in qa["answers"]],
+                                    "answer_start": [a["answer_start"] for a in qa["answers"]]},
+                    }  # fmt: skip
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise LmforgeError(f"{path} is not a SQuAD-format JSON file (data / paragraphs / qas): {err!r}.") from err
-    return out
 
 
-def _rows(columns: dict[str, list], keep: list[int]) -> dict[str, list]:
-    return {name: [values[i] for i in keep] for name, values in columns.items()}
+def read_squad_file(path: str | Path) -> dict[str, list]:
+    """A (small) SQuAD JSON file as columns: the rows of :func:`squad_rows`, one list per column."""
+    rows = list(squad_rows(path))
+    return {column: [row[column] for row in rows] for column in COLUMNS}
+
+
+def _squad_table_rows(path: str, stamp: str) -> Iterator[dict]:
+    # ``stamp`` (size and time) is in the arguments so that an edited file is read again.
+    yield from squad_rows(path)
+
+
+def _training_text(batch: dict) -> dict:
+    # Each paragraph once (its questions follow one another), then the questions.
+    contexts = [c for i, c in enumerate(batch["context"]) if i == 0 or c != batch["context"][i - 1]]
+    return {"text": contexts + batch["question"]}
+
+
+def _features():
+    from datasets import Features, Sequence, Value
+
+    text = {name: Value("string") for name in COLUMNS[:4]}
+    return Features({**text, "answers": {"text": Sequence(Value("string")), "answer_start": Sequence(Value("int32"))}})
 
 
 @dataclass
@@ -85,7 +99,8 @@ class SquadQuestions(TextCorpus):
     extra_files: list[str] = field(default_factory=list)
 
     def load(self, data_dir: str | None, required: tuple[str, ...] = ("train", "validation")) -> dict:
-        """Read the splits (see :meth:`TextCorpus.load`); as texts when ``text_only``."""
+        """Read the splits (see :meth:`TextCorpus.load`): Arrow tables of :data:`COLUMNS`, in the
+        datasets cache; as texts when ``text_only``."""
         splits = super().load(data_dir, required)
         if not self.text_only:
             return splits
@@ -101,16 +116,16 @@ class SquadQuestions(TextCorpus):
             texts["train"] += "\n" + path.read_text(encoding="utf-8")
         return texts
 
-    def training_text(self, splits: dict) -> str:
+    def training_text(self, splits: dict) -> TextSplit | str:
         """The text a tokenizer is trained on: the training contexts and questions."""
         train = splits["train"]
         if isinstance(train, str):
             return train
-        return "\n".join([*dict.fromkeys(train["context"]), *train["question"]])
+        return ArrowText(map_columns(train, _training_text, {}), "text", joiner="\n")
 
     @staticmethod
     def _size(split) -> str:
-        return f"{len(split):,} chars" if isinstance(split, str) else f"{len(split['id']):,} questions"
+        return f"{len(split):,} chars" if isinstance(split, str) else f"{len(split):,} questions"
 
     def _from_folder(self, folder: Path) -> dict:
         files = {split: folder / f for split, f in self.local_files.items() if (folder / f).is_file()}
@@ -118,14 +133,19 @@ class SquadQuestions(TextCorpus):
             raise LmforgeError(
                 f"Dataset folder {folder} holds none of the expected files: {', '.join(self.local_files.values())}."
             )
-        splits = {split: read_squad_file(path) for split, path in files.items()}
+        splits = {}
+        for split, path in files.items():
+            stat = path.stat()
+            arguments = {"path": str(path), "stamp": f"{stat.st_size}:{stat.st_mtime_ns}"}
+            splits[split] = rows_table(_squad_table_rows, arguments, _features(), f"{path} holds no questions.")
         if "unsplit" in splits:
             splits.update(self._split_by_article(splits.pop("unsplit")))
         return splits
 
-    def _split_by_article(self, columns: dict[str, list]) -> dict[str, dict[str, list]]:
+    def _split_by_article(self, table) -> dict:
         held = {"validation": set(self.validation_articles), "test": set(self.test_articles)}
-        titles = set(columns["title"])
+        title_of = np.asarray(table.data.table.column("title").to_numpy(zero_copy_only=False))
+        titles = set(title_of.tolist())
         unknown = sorted((held["validation"] | held["test"]) - titles)
         if unknown:
             raise LmforgeError(
@@ -135,11 +155,9 @@ class SquadQuestions(TextCorpus):
             raise LmforgeError(
                 f"Articles {', '.join(sorted(held['validation'] & held['test']))} are in both validation and test."
             )
-        split_of = {title: split for split, names in held.items() for title in names}
-        rows: dict[str, list[int]] = {split: [] for split in SPLITS}
-        for i, title in enumerate(columns["title"]):
-            rows[split_of.get(title, "train")].append(i)
-        return {split: _rows(columns, keep) for split, keep in rows.items() if keep}
+        rows = {split: np.flatnonzero(np.isin(title_of, sorted(names))) for split, names in held.items()}
+        rows["train"] = np.flatnonzero(~np.isin(title_of, sorted(held["validation"] | held["test"])))
+        return {split: table.select(keep) for split, keep in rows.items() if len(keep)}
 
     def _from_hub(self) -> dict:
         from datasets import load_dataset
@@ -154,7 +172,7 @@ class SquadQuestions(TextCorpus):
                     f"Dataset '{self.name}' ({self.hub_id}) split {split}",
                     "use a SQuAD-format dataset",
                 )
-                splits[split] = {column: list(ds[split][column]) for column in COLUMNS}
+                splits[split] = ds[split].select_columns(list(COLUMNS))
         return splits
 
 
@@ -291,15 +309,68 @@ def collate_questions(
     return out
 
 
+def _encode_windows(batch: dict, indices: list[int], tokenizer: str, window: dict) -> dict:
+    """A `datasets.map` batch of questions encoded into window rows (one per window, with its question's row)."""
+    questions = encode_questions(
+        cached_tokenizer(tokenizer), batch["question"], batch["context"], [first_answer(a) for a in batch["answers"]],
+        **window,
+    )  # fmt: skip
+    rows = [(index, w) for index, windows in zip(indices, questions, strict=True) for w in windows]
+    return {
+        "question": [index for index, _ in rows],
+        "ids": [w.ids for _, w in rows],
+        "type_ids": [w.type_ids for _, w in rows],
+        "offsets": [w.offsets.reshape(-1) for _, w in rows],  # (T, 2) flattened: one list per window
+        "start": [w.start for _, w in rows],
+        "end": [w.end for _, w in rows],
+    }
+
+
+WINDOW_COLUMNS = ("question", "ids", "type_ids", "offsets", "start", "end")
+
+
+def _question_windows(rows: list[tuple]) -> list[QuestionWindows]:
+    """Window rows (of :data:`WINDOW_COLUMNS`, one question's windows consecutive) grouped by question."""
+    out: list[QuestionWindows] = []
+    for question, ids, type_ids, offsets, start, end in rows:
+        window = AnswerWindow(np.asarray(ids, dtype=np.int32), np.asarray(type_ids, dtype=np.int8),
+                              np.asarray(offsets, dtype=np.int32).reshape(-1, 2), start, end)  # fmt: skip
+        if out and out[-1].index == question:
+            out[-1].windows.append(window)
+        else:
+            out.append(QuestionWindows(question, [window]))
+    return out
+
+
+class QuestionRows(Dataset):
+    """The questions of a split, each item all the windows of one question (window rows in Arrow)."""
+
+    def __init__(self, windows: ExampleRows):
+        self.windows = windows
+        counts = np.bincount(windows.column("question"))
+        self.bounds = np.concatenate([[0], np.cumsum(counts)])  # question i: window rows bounds[i]:bounds[i+1]
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, i: int) -> QuestionWindows:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices) -> list[QuestionWindows]:
+        rows = [r for i in indices for r in range(self.bounds[i], self.bounds[i + 1])]
+        return _question_windows(self.windows.__getitems__(rows))
+
+
 class QuestionAnsweringDataModule(ExampleDataModule):
     """Batches of (question, context) windows with the answer's token positions.
 
     Training items are single windows (shuffled, grouped by length); validation and test items are
     whole questions with all their windows, so that the task picks each answer across windows.
-    Encoded windows are cached in ``cache_dir``, keyed by the data, the tokenizer and the window settings.
+    Encoded windows go into the datasets cache beside the questions (memory-mapped), keyed by the
+    data, the tokenizer and the window settings.
 
     Args:
-        texts: split -> columns (from :class:`SquadQuestions`).
+        texts: split -> an Arrow table (or a dict of columns) of :data:`COLUMNS`, from :class:`SquadQuestions`.
         tokenizer: the run's tokenizer (a fast tokenizer with offsets: every ``tokenizers.Tokenizer``).
         max_length: tokens per window, question and special tokens included.
         stride: context tokens shared by neighbouring windows.
@@ -308,14 +379,14 @@ class QuestionAnsweringDataModule(ExampleDataModule):
         eval_batch_size: questions per validation and test batch (None: ``batch_size``).
         seed: seed of the training order.
         num_workers: DataLoader worker processes.
-        cache_dir: where encoded windows are cached (None: no cache).
+        cache_dir: unused; accepted so every DataModule is built alike.
     """
 
     size_unit = "questions"
 
     def __init__(
         self,
-        texts: dict[str, dict[str, list]],
+        texts: dict,
         tokenizer: Tokenizer,
         max_length: int = 384,
         stride: int = 128,
@@ -329,88 +400,44 @@ class QuestionAnsweringDataModule(ExampleDataModule):
         super().__init__(batch_size, eval_batch_size, seed, num_workers)
         self.block_size = max_length
         self.window = {"max_length": max_length, "stride": stride, "max_question_length": max_question_length}
+        if stride >= max_length - max_question_length - 3:  # before any encoding: one sentence, not a map failure
+            encode_questions(tokenizer, [], [], [], **self.window)
         self.pad_id = pad_token_id(tokenizer)
-        self.columns = texts
-        fingerprint = tokenizer_fingerprint(tokenizer)
+        self.questions = {split: as_table(data) for split, data in texts.items()}
+        settings = {"tokenizer": tokenizer_fingerprint(tokenizer), "window": self.window}
         self.examples = {}
-        for split, columns in texts.items():
-            questions = [
-                QuestionWindows(i, w) for i, w in enumerate(self._encode(tokenizer, columns, fingerprint, cache_dir))
-            ]
-            if split == "train":
-                questions = [QuestionWindows(q.index, [w]) for q in questions for w in q.windows]
-            self.examples[split] = questions
+        for split, table in self.questions.items():
+            windows = ExampleRows(map_columns(table, _encode_windows, settings, with_indices=True), WINDOW_COLUMNS)
+            self.examples[split] = windows if split == "train" else QuestionRows(windows)
         if "train" in self.examples:
-            windows = len(self.examples["train"])
-            answered = sum(q.windows[0].start > 0 for q in self.examples["train"])
-            log.info("data: %d training windows of %d tokens (%d hold their answer)", windows, max_length, answered)
-
-    def _encode(
-        self, tokenizer: Tokenizer, columns: dict, fingerprint: str, cache_dir: str | None
-    ) -> list[list[AnswerWindow]]:
-        """The windows of each question of one split, from the cache when the same data and settings were seen."""
-        path = None
-        if cache_dir:
-            key = hashlib.sha256(
-                json.dumps([fingerprint, self.window, columns["id"], columns["question"], columns["context"],
-                            [first_answer(a) for a in columns["answers"]]]).encode()
-            ).hexdigest()[:32]  # fmt: skip
-            path = Path(cache_dir).expanduser() / "qa-windows" / f"{key}.npz"
-            if path.is_file():
-                return _unpack(np.load(path, allow_pickle=False))
-        windows = encode_questions(
-            tokenizer, columns["question"], columns["context"], [first_answer(a) for a in columns["answers"]],
-            **self.window,
-        )  # fmt: skip
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{np.random.randint(1 << 30)}.tmp.npz")
-            np.savez(tmp, **_pack(windows))
-            tmp.replace(path)  # atomic: concurrent runs never read a half-written file
-        return windows
+            windows = self.examples["train"]
+            answered = int((windows.column("start") > 0).sum())
+            log.info(
+                "data: %d training windows of %d tokens (%d hold their answer)", len(windows), max_length, answered
+            )
 
     @property
     def split_sizes(self) -> dict[str, int]:
         """Number of questions in each split (training items are windows; a question may have several)."""
-        return {split: len({q.index for q in items}) for split, items in self.examples.items()}
+        return {split: len(table) for split, table in self.questions.items()}
 
     def task_arguments(self) -> dict:
         """What the task needs to know of the data: the window settings, to read new questions alike."""
         return dict(self.window)
 
-    def training_lengths(self) -> list[int]:
+    def training_lengths(self) -> np.ndarray:
         """Window lengths: batches of similar lengths carry little padding."""
-        return [len(q.windows[0].ids) for q in self.examples["train"]]
+        ids = self.examples["train"].table.data.table.column("ids")
+        return pc.list_value_length(ids).to_numpy()
 
     def collate_for(self, split: str):
         """Pad the windows of a batch of questions of ``split`` (whose texts and answers go along)."""
-        return functools.partial(collate_questions, columns=self.columns[split], pad_id=self.pad_id)
+        return functools.partial(self._collate, self.questions[split])
 
-
-def _pack(questions: list[list[AnswerWindow]]) -> dict[str, np.ndarray]:
-    """The windows as flat integer arrays (a cache file that loads without pickle)."""
-    windows = [w for q in questions for w in q]
-    return {
-        "windows_per_question": np.array([len(q) for q in questions], dtype=np.int32),
-        "lengths": np.array([len(w.ids) for w in windows], dtype=np.int32),
-        "ids": np.concatenate([w.ids for w in windows]),
-        "type_ids": np.concatenate([w.type_ids for w in windows]),
-        "offsets": np.concatenate([w.offsets for w in windows]),
-        "answers": np.array([(w.start, w.end) for w in windows], dtype=np.int32).reshape(-1, 2),
-    }
-
-
-def _unpack(arrays) -> list[list[AnswerWindow]]:
-    """The windows of :func:`_pack`'s arrays again (views into them, no copies)."""
-    bounds = np.concatenate([[0], np.cumsum(arrays["lengths"])]).tolist()
-    ids, type_ids, offsets = arrays["ids"], arrays["type_ids"], arrays["offsets"]
-    answers = arrays["answers"].tolist()
-    windows = [
-        AnswerWindow(ids[a:b], type_ids[a:b], offsets[a:b], *answers[i])
-        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
-    ]
-    questions, start = [], 0
-    for n in arrays["windows_per_question"].tolist():
-        questions.append(windows[start : start + n])
-        start += n
-    return questions
+    def _collate(self, questions, batch: list) -> dict:
+        if batch and not isinstance(batch[0], QuestionWindows):  # training: window rows, one item each
+            batch = [item for row in batch for item in _question_windows([row])]
+        # The texts of this batch's questions only, renumbered in batch order.
+        texts = questions.select_columns(["id", "context", "answers"])[[item.index for item in batch]]
+        items = [QuestionWindows(row, item.windows) for row, item in enumerate(batch)]
+        return collate_questions(items, texts, self.pad_id)

@@ -61,14 +61,20 @@ class StreamedWindows(IterableDataset):
 
     Each batch of documents starts with a snapshot (windows taken so far, the stream's state, the
     tokens carried over); the last few are kept, and :meth:`resume_at` restarts from the one
-    before a given window count. Under DDP each rank reads its own part of the stream.
+    before a given window count.
+
+    Under DDP every rank reads the whole stream and takes every ``world_size``-th window (rank ``r``
+    the windows ``r, r + world_size, ...``), a whole round at a time: all ranks then yield the same
+    number of windows, so none runs out of data while another waits for it in a collective (a stream
+    split by shard or row gives the ranks different numbers of tokens, and the run hangs at its end).
+    Window counts (snapshots, :meth:`resume_at`) are counts of the whole stream's windows.
     """
 
     def __init__(self, text: StreamedText, tokenizer: Tokenizer, block_size: int, rank: int = 0, world_size: int = 1):
-        from datasets.distributed import split_dataset_by_node
-
         self.text = text
-        self.dataset = split_dataset_by_node(text.dataset, rank, world_size) if world_size > 1 else text.dataset
+        self.dataset = text.dataset
+        self.rank = rank
+        self.world_size = world_size
         self.tokenizer = tokenizer
         self.block_size = block_size
         separator = document_separator(tokenizer) if text.joiner is None else text.joiner
@@ -77,7 +83,8 @@ class StreamedWindows(IterableDataset):
         self._start: dict | None = None  # the snapshot to start from, and windows of it to skip
 
     def resume_at(self, snapshots: list[dict], windows: int) -> None:
-        """Start the next iteration at window ``windows`` of the epoch, from the latest snapshot before it."""
+        """Start the next iteration at window ``windows`` of the stream (a multiple of ``world_size``),
+        from the latest snapshot before it."""
         usable = [s for s in snapshots if s["windows"] <= windows]
         if usable:
             self._start = {**usable[-1], "skip": windows - usable[-1]["windows"]}
@@ -108,9 +115,12 @@ class StreamedWindows(IterableDataset):
             n = max(0, (len(tokens) - 1) // self.block_size)
             carry = tokens[n * self.block_size :].tolist()
             for i in range(n):
-                windows += 1
+                index, windows = windows, windows + 1
                 if skip:
                     skip -= 1
                     continue
-                window = torch.from_numpy(tokens[i * self.block_size : (i + 1) * self.block_size + 1])
-                yield window[:-1], window[1:]
+                if index % self.world_size == self.rank:
+                    mine = tokens[i * self.block_size : (i + 1) * self.block_size + 1]
+                if windows % self.world_size == 0:  # a whole round: every rank has its window
+                    window = torch.from_numpy(mine)
+                    yield window[:-1], window[1:]

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Encoding, Tokenizer
 
-from lmforge.data.datamodules import ExampleDataModule
-from lmforge.data.tokenizers import pad_token_id
+from lmforge.data.datamodules import ExampleDataModule, ExampleRows, as_table
+from lmforge.data.sources import map_columns
+from lmforge.data.tokenizers import cached_tokenizer, pad_token_id, tokenizer_fingerprint
 
 IGNORE = -100  # label of positions without a loss: later sub-tokens, special tokens, padding
 
@@ -27,6 +28,9 @@ class TaggedExample:
     word_positions: list[int]
     word_tags: list[int]
     chars: list[list[int]]
+
+
+EXAMPLE_COLUMNS = tuple(TaggedExample.__dataclass_fields__)
 
 
 def align_tags(encoding: Encoding, words: list[str], tags: list[int], max_chars: int) -> TaggedExample:
@@ -58,13 +62,27 @@ def encode_sentences(
         max_length: longest tokenized sentence; the words past it get no position.
         max_chars: bytes of each token kept for character features.
     """
-    tokenizer = Tokenizer.from_str(tokenizer.to_str())
-    tokenizer.enable_truncation(max_length)
-    encodings = tokenizer.encode_batch(sentences, is_pretokenized=True)
+    encodings = truncating(tokenizer, max_length).encode_batch(sentences, is_pretokenized=True)
     return [
         align_tags(encoding, words, word_tags, max_chars)
         for encoding, words, word_tags in zip(encodings, sentences, tags, strict=True)
     ]
+
+
+def truncating(tokenizer: Tokenizer, max_length: int) -> Tokenizer:
+    """A copy of ``tokenizer`` that cuts encodings at ``max_length`` tokens."""
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())
+    tokenizer.enable_truncation(max_length)
+    return tokenizer
+
+
+def _encode_tagged(batch: dict, tokenizer: str, max_chars: int) -> dict:
+    """A `datasets.map` batch of sentences (``tokens``, ``tags``) encoded into TaggedExample columns."""
+    encodings = cached_tokenizer(tokenizer).encode_batch(batch["tokens"], is_pretokenized=True)
+    examples = [
+        align_tags(e, w, t, max_chars) for e, w, t in zip(encodings, batch["tokens"], batch["tags"], strict=True)
+    ]
+    return {name: [getattr(e, name) for e in examples] for name in EXAMPLE_COLUMNS}
 
 
 def collate_tagged(batch: list[TaggedExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -103,8 +121,9 @@ class TokenClassificationDataModule(ExampleDataModule):
     ``word_tags`` (B, W) to read predictions back per word; ``char_ids`` (B, T, C) for character features.
 
     Args:
-        texts: split -> {"tokens": [[word, ...]], "tags": [[tag index, ...]]}
-            (from :class:`lmforge.data.tagging.TaggedSentences`).
+        texts: split -> an Arrow table (or a dict of columns) of ``tokens`` (the words) and ``tags`` (a tag
+            index per word), from :class:`lmforge.data.tagging.TaggedSentences`; the encoded sentences go into
+            the datasets cache beside it, memory-mapped.
         tokenizer: the run's tokenizer; words are encoded pre-tokenized, so a word never merges with its
             neighbours (it may still split, "1996-08-22" into five tokens).
         tag_names: the tags in index order.
@@ -138,8 +157,9 @@ class TokenClassificationDataModule(ExampleDataModule):
         self.tag_names = list(tag_names)
         self.max_token_chars = max_token_chars
         self.pad_id = pad_token_id(tokenizer)
+        settings = {"tokenizer": tokenizer_fingerprint(truncating(tokenizer, max_length)), "max_chars": max_token_chars}
         self.examples = {
-            split: encode_sentences(tokenizer, data["tokens"], data["tags"], max_length, max_token_chars)
+            split: ExampleRows(map_columns(as_table(data), _encode_tagged, settings), EXAMPLE_COLUMNS)
             for split, data in texts.items()
         }
 
@@ -148,6 +168,6 @@ class TokenClassificationDataModule(ExampleDataModule):
         # max_token_chars too, so that texts labelled later are encoded as the training data was.
         return {"num_tags": len(self.tag_names), "tag_names": self.tag_names, "max_token_chars": self.max_token_chars}
 
-    def collate(self, batch: list[TaggedExample]) -> dict[str, torch.Tensor]:
-        """Pad a list of sentences (right padding) to the longest in the batch."""
-        return collate_tagged(batch, self.pad_id)
+    def collate(self, batch: list[tuple]) -> dict[str, torch.Tensor]:
+        """Pad a list of sentences (rows of :data:`EXAMPLE_COLUMNS`; right padding) to the longest in the batch."""
+        return collate_tagged([TaggedExample(*row) for row in batch], self.pad_id)
