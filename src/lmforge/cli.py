@@ -275,9 +275,12 @@ def train() -> None:
     """
 
     def run(cfg):
-        from lmforge import sweeps
+        from lmforge import sweeps, tracking
 
         sweeps.start_job(cfg)
+        named = tracking.hydra_output_dir()
+        if named is not None and not cfg.paths.get("run_dir"):  # hydra.run.dir (or hydra.sweep.dir) is the run dir
+            cfg.paths.run_dir = str(named)
         if "wandb" in (cfg.get("logger") or {}):
             _prestart_wandb()
         # Heavy imports only after the config is known to be valid.

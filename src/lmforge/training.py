@@ -50,24 +50,38 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     shared_name = shared_run_name()
     if is_rank_zero() and (caveat := torchrun_restart_caveat()):
         log.warning(caveat)
+    named = cfg.paths.get("run_dir")  # hydra.run.dir / hydra.sweep.dir, or paths.run_dir: where the user wants it
     if cfg.get("resume"):
         cfg = resumed_config(cfg.resume, command_line_overrides())
         run_id, run_dir = cfg.run_id, Path(cfg.paths.run_dir)
-    elif shared_name:  # every rank of the job, and the job again after a requeue or restart, name the same dir
-        run_id, run_dir = tracking.make_run_dir(
-            cfg.paths.output_root, cfg.model.name, cfg.task.name, shared_name, tracking.config_digest(cfg)
-        )
-        # The dir may hold this run from an earlier attempt of the job (a Slurm requeue, a torchrun
-        # restart, its command run again): continue it rather than write over it.
-        if (run_dir / "metrics.json").is_file():
-            log.info("run dir: %s finished in an earlier attempt of this job; not training it again", run_dir)
-            return json.loads((run_dir / "metrics.json").read_text())
-        if resume_checkpoint(run_dir):
-            log.info("an earlier attempt of this job started this run: resuming it")
-            cfg = resumed_config(str(run_dir), [])
-    elif not is_rank_zero() and os.environ.get(RUN_DIR_VAR):
+    elif not is_rank_zero() and os.environ.get(RUN_DIR_VAR) and not shared_name:
         # A DDP worker started by Lightning: join the run dir that rank 0 made.
         run_id, run_dir = os.environ[RUN_ID_VAR], Path(os.environ[RUN_DIR_VAR])
+    elif shared_name or named:
+        # Every rank of a job, and the job again after a requeue or restart, name the same dir.
+        digest = tracking.config_digest(cfg)
+        if named:
+            run_dir = Path(named).expanduser().resolve()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            run_id = "-".join(filter(None, (shared_name, digest))) if shared_name else tracking.new_run_id()
+        else:
+            run_id, run_dir = tracking.make_run_dir(
+                cfg.paths.output_root, cfg.model.name, cfg.task.name, shared_name, digest
+            )
+        # The dir may hold this run from an earlier attempt (a Slurm requeue, a torchrun restart, the
+        # same command run again): continue it rather than write over it.
+        if (run_dir / "metrics.json").is_file():
+            if not shared_name:
+                raise LmforgeError(
+                    f"{run_dir} holds a finished run already; name another run dir (hydra.run.dir or "
+                    "paths.run_dir), or leave it out for a new dir under paths.output_root."
+                )
+            log.info("run dir: %s finished in an earlier attempt of this job; not training it again", run_dir)
+            return json.loads((run_dir / "metrics.json").read_text())
+        if resume_checkpoint(run_dir) and (run_dir / "config.yaml").is_file():
+            log.info("run dir %s holds an unfinished run of this command: resuming it", run_dir)
+            cfg = resumed_config(str(run_dir), [])
+            run_id = cfg.run_id
     else:
         run_id, run_dir = tracking.make_run_dir(cfg.paths.output_root, cfg.model.name, cfg.task.name)
     with open_dict(cfg):
@@ -110,6 +124,8 @@ def run_stages(cfg: DictConfig, overrides: list[str]) -> list[dict[str, Any]]:
     names = list(cfg.stages)
     for i, name in enumerate(names):
         stage_overrides = [*cfg.stages[name], *overrides, "stages=null"]
+        if cfg.paths.get("run_dir"):  # a named run dir holds one dir per stage
+            stage_overrides.append(f"paths.run_dir={Path(cfg.paths.run_dir) / name}")
         if records:
             stage_overrides.append(f"init_from={records[-1]['run_dir']}")
         log.info("stage %d/%d: %s (%s)", i + 1, len(names), name, " ".join(cfg.stages[name]))
@@ -172,6 +188,7 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
     git = tracking.git_state()
     if is_rank_zero():
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        tracking.save_hydra_files(cfg, run_dir)
         tracking.save_git_diff(run_dir)
         if resuming:
             tracking.keep_csv_history(run_dir / "csv")
