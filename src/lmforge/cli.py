@@ -12,17 +12,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lmforge.config_dirs import CONF_DIR, config_dirs, is_group, option_names, use_user_config_dirs
 from lmforge.errors import LmforgeError, sentence
 
 log = logging.getLogger("lmforge")
 
-CONF_DIR = Path(os.environ.get("LMFORGE_CONF", Path(__file__).resolve().parents[2] / "conf"))
 
-
-def config_choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
-    """The names a user can give a config group (file names in ``conf/<group>/`` without ``.yaml``;
-    for ``hydra/...`` groups also those of Hydra and its installed plugins, such as ``hydra/launcher=joblib``)."""
-    names = {p.stem for p in (conf_dir / group).glob("*.yaml")}
+def config_choices(group: str, conf_dir: Path | None = None) -> list[str]:
+    """The names a user can give a config group (file names in ``<config dir>/<group>/`` without ``.yaml``,
+    lmforge's and the user's; for ``hydra/...`` groups also those of Hydra and its installed plugins,
+    such as ``hydra/launcher=joblib``)."""
+    names = option_names(group, [conf_dir] if conf_dir else None)
     if group.startswith("hydra/"):
         names.update(_registered_choices(group))
     return sorted(names)
@@ -40,22 +40,23 @@ def _registered_choices(group: str) -> list[str]:
     return [name.removesuffix(".yaml") for name in node if name.endswith(".yaml")]
 
 
-def check_group_choices(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
+def check_group_choices(overrides: list[str], conf_dir: Path | None = None) -> None:
     """Fail with one sentence when an override names a config that does not exist (``model=gtp2``)."""
+    dirs = [conf_dir] if conf_dir else config_dirs(overrides)
     for arg in overrides:
         if arg.startswith("-") or "=" not in arg:
             continue
         key, value = arg.split("=", 1)
         key = key.lstrip("+~").removeprefix("override ").strip()
-        if not key or not (conf_dir / key).is_dir() or "(" in value:  # sweeps like range(...) are Hydra's to check
+        if not key or not is_group(key, dirs) or "(" in value:  # sweeps like range(...) are Hydra's to check
             continue
         for name in value.split(","):  # a sweep (model=a,b) or a list of configs (callbacks=[default,ema])
             name = name.strip("[] ")
-            if name and name != "null" and not (conf_dir / key / f"{name}.yaml").is_file():
+            if name and name != "null" and name not in option_names(key, dirs):
                 if key.startswith("hydra/") and name in _registered_choices(key):
                     continue
                 raise LmforgeError(
-                    f"Unknown {key} '{name}'; choose one of: {', '.join(config_choices(key, conf_dir))}."
+                    f"Unknown {key} '{name}'; choose one of: {', '.join(sorted(option_names(key, dirs)))}."
                 )
 
 
@@ -108,7 +109,7 @@ def quote_override_lists(args: list[str], keys: tuple[str, ...] = ("extra",)) ->
     return out
 
 
-def check_override_types(cfg: Any, defaults: Any, overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
+def check_override_types(cfg: Any, defaults: Any, overrides: list[str], conf_dir: Path | None = None) -> None:
     """Fail with one sentence when an override gives text to a key whose default is a number or a
     flag (``trainer.max_steps=abc``), before the value reaches a constructor deep inside a library.
 
@@ -136,13 +137,14 @@ def check_override_types(cfg: Any, defaults: Any, overrides: list[str], conf_dir
 TEXT_OR_NUMBER_KEYS = ("trainer.devices",)
 
 
-def _value_override_keys(overrides: list[str], conf_dir: Path = CONF_DIR) -> list[str]:
+def _value_override_keys(overrides: list[str], conf_dir: Path | None = None) -> list[str]:
     """The keys of ``key=value`` overrides, leaving out group choices (``model=...``) and Hydra's own keys."""
+    dirs = [conf_dir] if conf_dir else config_dirs()
     keys = []
     for arg in overrides:
         key, sep, _ = arg.partition("=")
         key = key.lstrip("+~").strip()
-        if sep and key and not key.startswith("hydra") and "/" not in key and not (conf_dir / key).is_dir():
+        if sep and key and not key.startswith("hydra") and "/" not in key and not is_group(key, dirs):
             keys.append(key)
     return keys
 
@@ -226,6 +228,7 @@ def _hydra_entry(task_function: Callable[[Any], Any], config_name: str) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     full_error = os.environ.get("HYDRA_FULL_ERROR")
+    use_user_config_dirs()
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
     def main(cfg):
@@ -345,6 +348,8 @@ def generate() -> None:
 
 def evaluate() -> None:
     """Score a run's checkpoint and write ``<run dir>/eval-<split>.json``: ``lmforge-evaluate run=<run dir>``.
+
+    Each example's prediction (and its score, where one exists) goes to ``eval-<split>-predictions.jsonl``.
 
     Options (``key=value``): split=test|validation, task=<another task>, checkpoint=best|last|<path>,
     limit_batches; see conf/evaluate.yaml.

@@ -266,8 +266,9 @@ class OptunaStudy(Callback):
             create_study_tables(str(storage))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Write the preset from the sweeper's ``optimization_results.yaml`` (best over the whole study)."""
-        from lmforge.cli import CONF_DIR
+        """Write the preset from the sweeper's ``optimization_results.yaml`` (best over the whole study):
+        into ``preset_dir``, else the first of the user's config dirs (``LMFORGE_CONF``), else lmforge's own."""
+        from lmforge.config_dirs import CONF_DIR, env_config_dirs
 
         sweep_dir = Path(config.hydra.sweep.dir)
         results = sweep_dir / "optimization_results.yaml"
@@ -281,7 +282,7 @@ class OptunaStudy(Callback):
         overrides = [*(search_base(search) if search else []), *config.hydra.overrides.task]
         text = preset_yaml(study, overrides, OmegaConf.to_container(best.best_params), best.best_value, CONF_DIR)
         (sweep_dir / "best.yaml").write_text(text, encoding="utf-8")
-        preset_dir = Path(self.preset_dir) if self.preset_dir else CONF_DIR / "experiment"
+        preset_dir = Path(self.preset_dir) if self.preset_dir else [*env_config_dirs(), CONF_DIR][0] / "experiment"
         preset_dir.mkdir(parents=True, exist_ok=True)
         (preset_dir / f"{study}-best.yaml").write_text(text, encoding="utf-8")
         print(f"best trial of study {study}: {best.best_value} with {dict(best.best_params)}\n"
@@ -291,7 +292,8 @@ class OptunaStudy(Callback):
 
 def hparams_search_file(name: str, conf_dir: Path | None = None) -> Path:
     """The file of ``hparams_search=<name>``; one sentence naming the choices when there is none."""
-    from lmforge.cli import CONF_DIR, config_choices
+    from lmforge.cli import config_choices
+    from lmforge.config_dirs import CONF_DIR
     from lmforge.errors import LmforgeError
 
     conf_dir = conf_dir or CONF_DIR

@@ -60,7 +60,7 @@ def wandb_sweep_config(name: str, method: str = "bayes", conf_dir: Path | None =
     and the task's monitored metric (the best value a run saw, ``best_<monitor>`` in the run summary)."""
     from hydra import compose, initialize_config_dir
 
-    from lmforge.cli import CONF_DIR
+    from lmforge.config_dirs import CONF_DIR
 
     conf_dir = conf_dir or CONF_DIR
     base = search_base(name, conf_dir)
