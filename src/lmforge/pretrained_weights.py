@@ -23,11 +23,13 @@ from lmforge.errors import LmforgeError
 from lmforge.hub import hub_reachable
 from lmforge.models.pretrained import (
     Family,
+    backbone_kwargs,
     family_of_backbone,
     family_of_config,
     head_kind,
     import_state,
     read_hf_folder,
+    unclassified_fields,
 )
 from lmforge.runs import group_names
 
@@ -59,8 +61,11 @@ class PretrainedWeights:
     tokenizer: Tokenizer | None
 
     def model_overrides(self) -> dict[str, Any]:
-        """The backbone constructor arguments the checkpoint fixes (its architecture and vocabulary size)."""
-        return self.family.to_kwargs(self.config)
+        """The backbone constructor arguments the checkpoint fixes (its architecture and vocabulary size).
+
+        A config.json value lmforge's backbone would compute differently is refused in one sentence.
+        """
+        return backbone_kwargs(self.family, self.config)
 
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
         """Fail in one sentence when the run's tokenizer has ids the checkpoint's embeddings do not cover."""
@@ -80,6 +85,15 @@ class PretrainedWeights:
         wanted = self.family.architectures.get(kind)
         if kind is not None and wanted not in saved_as and saved_as & set(self.family.architectures.values()):
             fits = {n: t for n, t in fits.items() if not n.startswith("head.")}
+        # Hugging Face builds a head's LayerNorm (BERT's masked-LM transform) with the checkpoint's epsilon too.
+        eps = self.model_overrides().get("layer_norm_eps")
+        for name, module in task.named_modules():
+            loaded_norm = isinstance(module, nn.LayerNorm) and name.startswith("head.") and f"{name}.weight" in fits
+            if loaded_norm and eps is not None and module.eps != eps:
+                raise LmforgeError(
+                    f"This checkpoint has layer_norm_eps={eps!r}, which its {name} uses too; "
+                    f"lmforge builds {name} with eps={module.eps!r}."
+                )
         for name, tensor in self.state.items():
             if name.startswith("backbone.") and name in own and name not in fits:
                 raise LmforgeError(
@@ -169,4 +183,7 @@ def resolve_pretrained(model_cfg: DictConfig, data_dir: str | None) -> Pretraine
             f"backbone; pick the model config of that family."
         )
     state, unused = import_state(family, hf_state)
+    unknown = unclassified_fields(family, config)
+    if unknown:  # lmforge cannot vouch for what they do
+        log.warning("%s: config.json fields lmforge does not know, ignored: %s", folder, ", ".join(unknown))
     return PretrainedWeights(str(folder), family, config, state, unused, _folder_tokenizer(folder))

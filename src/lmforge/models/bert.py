@@ -154,6 +154,7 @@ class Bert(nn.Module):
         n_positions: longest sequence the position table covers.
         type_vocab_size: number of segment ids.
         dropout: dropout on embeddings, attention weights and sub-layer outputs.
+        layer_norm_eps: epsilon of every LayerNorm.
     """
 
     kind = "encoder"
@@ -168,6 +169,7 @@ class Bert(nn.Module):
         n_positions: int = 512,
         type_vocab_size: int = 2,
         dropout: float = 0.1,
+        layer_norm_eps: float = 1e-12,
     ):
         super().__init__()
         self.hidden_size = hidden_size
@@ -175,6 +177,9 @@ class Bert(nn.Module):
         self.embeddings = BertEmbeddings(vocab_size, hidden_size, n_positions, type_vocab_size, dropout)
         self.encoder = BertEncoder(n_layer, hidden_size, n_head, intermediate_size, dropout)
         self.pooler = BertPooler(hidden_size)
+        for module in self.modules():  # the embeddings' and both sub-layers' of every block
+            if isinstance(module, nn.LayerNorm):
+                module.eps = layer_norm_eps
         self.apply(init_normal)
         self.prompt: SoftPrompt | None = None  # set by finetune=prompt
 

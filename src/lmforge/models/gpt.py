@@ -26,6 +26,11 @@ class GPT(BlockRunner, nn.Module):
         n_positions: longest sequence the position table covers.
         dropout: dropout on embeddings, attention and MLP outputs.
         bias: whether linear layers and LayerNorms have biases.
+        n_inner: MLP width (None: 4 x n_embd).
+        layer_norm_epsilon: epsilon of the LayerNorms.
+        scale_attn_weights: divide attention scores by sqrt(head_dim).
+        scale_attn_by_inverse_layer_idx: also divide them by the block's number (1 for the first), as some
+            GPT-2 variants do.
     """
 
     kind = "decoder"
@@ -39,8 +44,19 @@ class GPT(BlockRunner, nn.Module):
         n_positions: int = 1024,
         dropout: float = 0.0,
         bias: bool = True,
+        n_inner: int | None = None,
+        layer_norm_epsilon: float = 1e-5,
+        scale_attn_weights: bool = True,
+        scale_attn_by_inverse_layer_idx: bool = False,
     ):
         super().__init__()
+
+        def scale(i: int) -> float | None:
+            """Factor of block i's attention scores (None: 1 / sqrt(head_dim), SDPA's own)."""
+            if not scale_attn_by_inverse_layer_idx:
+                return None if scale_attn_weights else 1.0
+            return ((n_embd // n_head) ** -0.5 if scale_attn_weights else 1.0) / (i + 1)
+
         self.vocab_size = vocab_size
         self.n_positions = n_positions
         self.n_embd = n_embd
@@ -50,8 +66,11 @@ class GPT(BlockRunner, nn.Module):
                 wte=nn.Embedding(vocab_size, n_embd),
                 wpe=nn.Embedding(n_positions, n_embd),
                 drop=nn.Dropout(dropout),
-                h=nn.ModuleList(PreNormBlock(n_embd, n_head, dropout, bias) for _ in range(n_layer)),
-                ln_f=nn.LayerNorm(n_embd, bias=bias),
+                h=nn.ModuleList(
+                    PreNormBlock(n_embd, n_head, dropout, bias, layer_norm_epsilon, scale(i), n_inner)
+                    for i in range(n_layer)
+                ),
+                ln_f=nn.LayerNorm(n_embd, eps=layer_norm_epsilon, bias=bias),
             )
         )
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)

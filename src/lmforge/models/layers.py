@@ -112,15 +112,17 @@ class CausalSelfAttention(nn.Module):
         n_head: number of attention heads; must divide ``n_embd``.
         dropout: dropout on the attention weights and on the output.
         bias: whether the projections have biases.
+        scale: factor of the attention scores (None: 1 / sqrt(head_dim)).
     """
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True, scale: float | None = None):
         super().__init__()
         if n_embd % n_head:
             raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
         self.n_head = n_head
         self.head_dim = n_embd // n_head
         self.dropout = dropout
+        self.scale = scale
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
@@ -149,10 +151,10 @@ class CausalSelfAttention(nn.Module):
             k, v, attention_mask = self.prefix.extend(k, v, attention_mask, 1)
         dropout = self.dropout if self.training else 0.0
         if attention_mask is None and k.shape[2] == T:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.scale)
         else:
             mask = attention_mask_for(attention_mask, T, k.shape[2], causal=True, device=x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -333,14 +335,15 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward network: widen 4x, GELU, project back."""
+    """Position-wise feed-forward network: widen (4x unless ``inner`` is given), GELU, project back."""
 
-    def __init__(self, n_embd: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(self, n_embd: int, dropout: float = 0.0, bias: bool = True, inner: int | None = None):
         super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        inner = inner or 4 * n_embd
+        self.c_fc = nn.Linear(n_embd, inner, bias=bias)
         # GPT-2 was trained with the tanh approximation of GELU.
         self.act = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.c_proj = nn.Linear(inner, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -349,14 +352,27 @@ class MLP(nn.Module):
 
 
 class PreNormBlock(nn.Module):
-    """A pre-LayerNorm Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """A pre-LayerNorm Transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
+    ``eps`` is the LayerNorms' epsilon, ``scale`` the attention's (see :class:`CausalSelfAttention`),
+    ``inner`` the MLP's width (see :class:`MLP`).
+    """
+
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        eps: float = 1e-5,
+        scale: float | None = None,
+        inner: int | None = None,
+    ):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
-        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
-        self.mlp = MLP(n_embd, dropout, bias)
+        self.ln_1 = nn.LayerNorm(n_embd, eps=eps, bias=bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, scale)
+        self.ln_2 = nn.LayerNorm(n_embd, eps=eps, bias=bias)
+        self.mlp = MLP(n_embd, dropout, bias, inner)
 
     def forward(
         self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: LayerCache | None = None

@@ -53,6 +53,7 @@ class Family:
 
     Args:
         model_type: ``model_type`` in config.json.
+        name: how messages name the family.
         backbone: the lmforge backbone class (the model config's ``_target_``).
         architectures: lmforge head kind -> Hugging Face class name (the export's ``architectures``).
         prefixes: Hugging Face class name -> the prefix it puts before backbone names.
@@ -61,11 +62,12 @@ class Family:
         skipped: suffixes of buffers some checkpoints carry and lmforge computes itself.
         transposed: suffixes of weights Hugging Face stores as (in, out) (GPT-2's Conv1D).
         aliases: Hugging Face names that are other names of a tensor already mapped (tied weights).
-        to_kwargs: config.json -> backbone constructor arguments.
+        to_kwargs: config.json, checked and completed by :func:`checked_config` -> backbone constructor arguments.
         to_config: (backbone constructor arguments, vocabulary size) -> config.json entries.
     """
 
     model_type: str
+    name: str
     backbone: str
     architectures: dict[str | None, str]
     prefixes: dict[str, str]
@@ -78,37 +80,168 @@ class Family:
     bare_prefix: str = ""
 
 
-def _require(config: dict, key: str, allowed: tuple, family: str) -> None:
-    value = config.get(key, allowed[0])
-    if value not in allowed:
-        raise LmforgeError(f"This {family} checkpoint has {key}={value!r}; lmforge's {family} supports {allowed[0]!r}.")
+@dataclass(frozen=True)
+class Field:
+    """A config.json field that changes what the backbone computes from its weights.
+
+    Args:
+        default: Hugging Face's value where config.json leaves the field out (transformers 4 saved
+            only the fields that differ from it).
+        supported: None where lmforge honours the field (the family's ``to_kwargs`` passes it to the
+            backbone); else the values lmforge computes as Hugging Face does, or a function of the
+            whole config that gives them. Any other value is refused.
+        says: what a refusal names as supported; ``{0!r}`` is the first supported value.
+    """
+
+    default: Any
+    supported: tuple | Callable[[dict], tuple] | None = None
+    says: str = "{0!r}"
+
+
+def _only(*values: Any) -> Field:
+    """A field lmforge computes one way: the values in ``values`` (the first is Hugging Face's default)."""
+    return Field(values[0], values)
+
+
+def _inert(*names: str) -> dict[str, None]:
+    return dict.fromkeys(names)
+
+
+# Every field of transformers' GPT2Config, BertConfig and T5Config (and of their PretrainedConfig base,
+# including fields older versions wrote): a Field without ``supported`` is honoured, a Field with it is
+# refused unless its value is supported, None cannot change the computation. A family's entry overrides
+# the one in "*". tests/test_pretrained.py fails on any field of the installed transformers missing here.
+CONFIG_FIELDS: dict[str, dict[str, Field | None]] = {
+    "*": {
+        # Bookkeeping: which class and library wrote the file, and in which dtype (lmforge picks its own).
+        **_inert("_name_or_path", "architectures", "model_type", "transformers_version", "_commit_hash", "dtype",
+                 "torch_dtype", "use_bfloat16"),
+        # What forward() returns or keeps, and how it is run: the same sums either way.
+        **_inert("use_cache", "output_past", "return_dict", "output_attentions", "output_hidden_states",
+                 "torchscript", "chunk_size_feed_forward", "gradient_checkpointing", "_attn_implementation",
+                 "_attn_implementation_autoset", "tf_legacy_loss"),
+        # Token ids, labels and task names: the tokenizer's and the lmforge task's business, not the backbone's.
+        **_inert("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+                 "id2label", "label2id", "num_labels", "problem_type", "finetuning_task", "tokenizer_class",
+                 "prefix", "task_specific_params"),
+        # Generation settings: how tokens are chosen from the logits, never the logits themselves.
+        **_inert("max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+                 "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+                 "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+                 "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+                 "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+                 "suppress_tokens", "begin_suppress_tokens"),
+        # Only read by EncoderDecoderModel, or by BERT and GPT-2 (which refuse them below).
+        **_inert("is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
+                 "tie_encoder_decoder"),
+        "pruned_heads": _only({}),  # pruned heads have other shapes
+    },
+    "gpt2": {
+        **{k: Field(v) for k, v in dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                                        n_inner=None, resid_pdrop=0.1, layer_norm_epsilon=1e-5,
+                                        scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False).items()},
+        # lmforge's MLP is GELU with the tanh approximation, which both names compute.
+        "activation_function": _only("gelu_new", "gelu_pytorch_tanh"),
+        # One dropout rate for embeddings, attention weights and residuals.
+        "embd_pdrop": Field(0.1, lambda c: (c["resid_pdrop"],), "{0!r}, the value of resid_pdrop (one dropout rate)"),
+        "attn_pdrop": Field(0.1, lambda c: (c["resid_pdrop"],), "{0!r}, the value of resid_pdrop (one dropout rate)"),
+        # An fp32 upcast of the attention scores (the same logits in fp32, others in half precision).
+        "reorder_and_upcast_attn": _only(False),
+        "add_cross_attention": _only(False),  # lmforge's GPT has no cross-attention layers
+        "tie_word_embeddings": _only(True),  # the output head is the token embedding table
+        # Initialisation, the context length of very old files, and GPT2DoubleHeadsModel's multiple-choice head.
+        **_inert("initializer_range", "n_ctx", "summary_type", "summary_use_proj", "summary_activation",
+                 "summary_proj_to_labels", "summary_first_dropout"),
+    },
+    "bert": {
+        **{k: Field(v) for k, v in dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12,
+                                        num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512,
+                                        type_vocab_size=2, hidden_dropout_prob=0.1, layer_norm_eps=1e-12).items()},
+        "hidden_act": _only("gelu"),  # exact GELU, in the blocks and in the masked-LM head
+        "attention_probs_dropout_prob": Field(
+            0.1, lambda c: (c["hidden_dropout_prob"],), "{0!r}, the value of hidden_dropout_prob (one dropout rate)"
+        ),
+        "position_embedding_type": _only("absolute"),  # learned absolute positions, no relative scores
+        "is_decoder": _only(False),  # a decoder BERT attends causally
+        "add_cross_attention": _only(False),
+        "tie_word_embeddings": _only(True),  # the masked-LM head's decoder is the token embedding table
+        # Initialisation, and the dropout of Hugging Face's classification heads (lmforge's tasks bring their own).
+        **_inert("initializer_range", "classifier_dropout"),
+    },
+    "t5": {
+        **{k: Field(v) for k, v in dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6,
+                                        num_decoder_layers=None, num_heads=8, relative_attention_num_buckets=32,
+                                        relative_attention_max_distance=128, dropout_rate=0.1,
+                                        layer_norm_epsilon=1e-6).items()},
+        # T5 v1: a ReLU feed-forward network and a tied output head fed states scaled by d_model ** -0.5
+        # (v1.1 and flan-t5 use gated GELU, an untied head and no scaling).
+        "feed_forward_proj": _only("relu"),
+        "dense_act_fn": _only("relu"),
+        "is_gated_act": _only(False),
+        "tie_word_embeddings": _only(True),
+        "scale_decoder_outputs": _only(True),
+        # Initialisation, Hugging Face's classification head, and a length limit of old files (T5 has no position table).
+        **_inert("initializer_factor", "classifier_dropout", "n_positions"),
+    },
+}  # fmt: skip
+
+
+def field_rule(model_type: str, key: str) -> Field | None:
+    """How lmforge treats config.json field ``key`` of a family (KeyError when nobody classified it)."""
+    table = CONFIG_FIELDS[model_type]
+    return table[key] if key in table else CONFIG_FIELDS["*"][key]
+
+
+def unclassified_fields(family: Family, config: dict) -> list[str]:
+    """Fields of a config.json that CONFIG_FIELDS does not know (a later transformers may have added them)."""
+    return sorted(set(config) - set(CONFIG_FIELDS["*"]) - set(CONFIG_FIELDS[family.model_type]))
+
+
+def checked_config(family: Family, config: dict) -> dict:
+    """config.json with Hugging Face's defaults filled in, once every value lmforge computes differently is refused."""
+    rules = {**CONFIG_FIELDS["*"], **CONFIG_FIELDS[family.model_type]}
+    full = {key: rule.default for key, rule in rules.items() if rule is not None} | config
+    for key, rule in rules.items():
+        if rule is None or rule.supported is None:
+            continue
+        supported = rule.supported(full) if callable(rule.supported) else rule.supported
+        if full[key] not in supported:
+            raise LmforgeError(
+                f"This {family.name} checkpoint has {key}={full[key]!r}; "
+                f"lmforge's {family.name} supports {rule.says.format(*supported)}."
+            )
+    return full
+
+
+def backbone_kwargs(family: Family, config: dict) -> dict:
+    """The backbone constructor arguments a Hugging Face config.json fixes (refusing what lmforge cannot compute)."""
+    return family.to_kwargs(checked_config(family, config))
 
 
 def _gpt2_kwargs(c: dict) -> dict:
-    _require(c, "activation_function", ("gelu_new", "gelu_pytorch_tanh"), "GPT-2")
-    if c.get("n_inner") not in (None, 4 * c["n_embd"]):
-        raise LmforgeError(f"This GPT-2 checkpoint has n_inner={c['n_inner']}; lmforge's GPT uses 4 x n_embd.")
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-        _require(c, flag, (False,), "GPT-2")
     return dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], n_positions=c["n_positions"],
-                dropout=c.get("resid_pdrop", 0.1), bias=True, vocab_size=c["vocab_size"])  # fmt: skip
+                n_inner=c["n_inner"], dropout=c["resid_pdrop"], bias=True, layer_norm_epsilon=c["layer_norm_epsilon"],
+                scale_attn_weights=c["scale_attn_weights"],
+                scale_attn_by_inverse_layer_idx=c["scale_attn_by_inverse_layer_idx"],
+                vocab_size=c["vocab_size"])  # fmt: skip
 
 
 def _gpt2_config(kw: dict, vocab_size: int) -> dict:
     # A bias-free GPT (model.bias=false) exports with zero biases, which compute the same.
     p = kw.get("dropout", 0.0)
     return dict(n_layer=kw["n_layer"], n_head=kw["n_head"], n_embd=kw["n_embd"], n_positions=kw["n_positions"],
-                n_inner=None, activation_function="gelu_new", resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
-                layer_norm_epsilon=1e-5, vocab_size=vocab_size, tie_word_embeddings=True)  # fmt: skip
+                n_inner=kw.get("n_inner"), activation_function="gelu_new", resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
+                layer_norm_epsilon=kw.get("layer_norm_epsilon", 1e-5),
+                scale_attn_weights=kw.get("scale_attn_weights", True),
+                scale_attn_by_inverse_layer_idx=kw.get("scale_attn_by_inverse_layer_idx", False),
+                vocab_size=vocab_size, tie_word_embeddings=True)  # fmt: skip
 
 
 def _bert_kwargs(c: dict) -> dict:
-    _require(c, "hidden_act", ("gelu",), "BERT")
-    _require(c, "position_embedding_type", ("absolute",), "BERT")
     return dict(n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"], hidden_size=c["hidden_size"],
                 intermediate_size=c["intermediate_size"], n_positions=c["max_position_embeddings"],
-                type_vocab_size=c.get("type_vocab_size", 2), dropout=c.get("hidden_dropout_prob", 0.1),
-                vocab_size=c["vocab_size"])  # fmt: skip
+                type_vocab_size=c["type_vocab_size"], dropout=c["hidden_dropout_prob"],
+                layer_norm_eps=c["layer_norm_eps"], vocab_size=c["vocab_size"])  # fmt: skip
 
 
 def _bert_config(kw: dict, vocab_size: int) -> dict:
@@ -116,18 +249,16 @@ def _bert_config(kw: dict, vocab_size: int) -> dict:
     return dict(num_hidden_layers=kw["n_layer"], num_attention_heads=kw["n_head"], hidden_size=kw["hidden_size"],
                 intermediate_size=kw["intermediate_size"], max_position_embeddings=kw["n_positions"],
                 type_vocab_size=kw.get("type_vocab_size", 2), hidden_dropout_prob=p, attention_probs_dropout_prob=p,
-                hidden_act="gelu", layer_norm_eps=1e-12, position_embedding_type="absolute",
+                hidden_act="gelu", layer_norm_eps=kw.get("layer_norm_eps", 1e-12), position_embedding_type="absolute",
                 vocab_size=vocab_size)  # fmt: skip
 
 
 def _t5_kwargs(c: dict) -> dict:
-    _require(c, "feed_forward_proj", ("relu",), "T5")  # T5 v1.1 / flan-t5 use gated GELU and an untied head
-    _require(c, "tie_word_embeddings", (True,), "T5")
-    return dict(n_layer=c["num_layers"], n_decoder_layer=c.get("num_decoder_layers") or c["num_layers"],
+    return dict(n_layer=c["num_layers"], n_decoder_layer=c["num_decoder_layers"] or c["num_layers"],
                 n_head=c["num_heads"], d_model=c["d_model"], d_kv=c["d_kv"], d_ff=c["d_ff"],
-                relative_attention_num_buckets=c.get("relative_attention_num_buckets", 32),
-                relative_attention_max_distance=c.get("relative_attention_max_distance", 128),
-                dropout=c.get("dropout_rate", 0.1), layer_norm_epsilon=c.get("layer_norm_epsilon", 1e-6),
+                relative_attention_num_buckets=c["relative_attention_num_buckets"],
+                relative_attention_max_distance=c["relative_attention_max_distance"],
+                dropout=c["dropout_rate"], layer_norm_epsilon=c["layer_norm_epsilon"],
                 vocab_size=c["vocab_size"])  # fmt: skip
 
 
@@ -144,6 +275,7 @@ def _t5_config(kw: dict, vocab_size: int) -> dict:
 FAMILIES = {
     "gpt2": Family(
         model_type="gpt2",
+        name="GPT-2",
         backbone="lmforge.models.gpt.GPT",
         architectures={
             CAUSAL_LM: "GPT2LMHeadModel",
@@ -166,6 +298,7 @@ FAMILIES = {
     ),
     "bert": Family(
         model_type="bert",
+        name="BERT",
         backbone="lmforge.models.bert.Bert",
         architectures={
             MASKED_LM: "BertForMaskedLM",
@@ -192,6 +325,7 @@ FAMILIES = {
     ),
     "t5": Family(
         model_type="t5",
+        name="T5",
         backbone="lmforge.models.t5.T5",
         architectures={SEQ2SEQ_LM: "T5ForConditionalGeneration", None: "T5ForConditionalGeneration"},
         prefixes={"*": ""},
