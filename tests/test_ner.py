@@ -223,7 +223,7 @@ def test_task_scores_words_from_first_sub_tokens_as_seqeval_does():
         words = task.predict_words(emissions, batch["word_positions"]).tolist()
         if not crf:  # "EU-Commission" is three tokens: the word is tagged from the first
             assert words[1][0] == int(emissions[1, 0].argmax())
-        task._evaluate(batch, task.val_scores, task.val_loss)
+        task._evaluate(batch, 0, task.val_scores, task.val_loss)
         names = [[TAGS[t] for t in row[: len(tags)]] for row, tags in zip(words, texts["validation"]["tags"])]
         gold = [[TAGS[t] for t in row] for row in texts["validation"]["tags"]]
         assert task.val_scores.compute()["f1"].item() == pytest.approx(f1_score(gold, names))

@@ -64,7 +64,7 @@ def lmforge_model(cfg_factory, model: str, folder: Path, head: type[nn.Module] |
     holder = nn.Module()
     holder.backbone = build_backbone(cfg.model, weights.config["vocab_size"]).eval()
     if head is not None:
-        holder.head = head(holder.backbone.word_embeddings).eval()
+        holder.head = head.for_backbone(holder.backbone).eval()
     message = weights.load_into(holder)
     holder.message = message
     return holder
@@ -372,12 +372,13 @@ def test_an_unknown_config_field_is_logged(cfg_factory, tmp_path, caplog):
     assert f"{folder}: config.json fields lmforge does not know, ignored: some_future_field" in caplog.text
 
 
-def test_a_masked_lm_head_with_another_layer_norm_eps_is_refused(cfg_factory, tmp_path):
-    """transformers' masked-LM head uses layer_norm_eps too; lmforge's head has its own, so a difference is refused."""
+def test_a_masked_lm_head_takes_the_checkpoints_layer_norm_eps(cfg_factory, tmp_path):
+    """transformers' masked-LM head uses layer_norm_eps too; lmforge's head takes the backbone's."""
+    torch.manual_seed(0)
     config_class, _, _, settings = TINY["bert"]
-    hf = transformers.BertForMaskedLM(getattr(transformers, config_class)(**settings, layer_norm_eps=0.1))
-    with pytest.raises(
-        LmforgeError,
-        match=r"layer_norm_eps=0.1, which its head.LayerNorm uses too; lmforge builds head.LayerNorm with eps=1e-12\.$",
-    ):
-        lmforge_model(cfg_factory, "bert-mini", saved(hf, tmp_path / "bert"), head=MaskedLMHead)
+    hf = transformers.BertForMaskedLM(getattr(transformers, config_class)(**settings, layer_norm_eps=0.1)).eval()
+    ours = lmforge_model(cfg_factory, "bert-mini", saved(hf, tmp_path / "bert"), head=MaskedLMHead)
+    assert ours.head.LayerNorm.eps == 0.1
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.head(ours.backbone(ids)), hf(input_ids=ids).logits, atol=1e-4, rtol=0)

@@ -111,7 +111,8 @@ def _generate_seq2seq(run, cfg: DictConfig) -> list[str]:
 
 
 def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
-    """Score a run's checkpoint on a split of its task (or of ``task=``) and write ``eval-<split>.json``."""
+    """Score a run's checkpoint on a split of its task (or of ``task=``) and write ``eval-<split>.json``,
+    and a JSON line per example to ``eval-<split>-predictions.jsonl`` (see :mod:`lmforge.predictions`)."""
     setup_console()
     if OmegaConf.is_missing(cfg, "run"):
         raise LmforgeError("Say which run to evaluate: lmforge-evaluate run=<run dir> [split=test]")
@@ -129,6 +130,9 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     no_samples = {"num_samples": 0} if "num_samples" in saved.task.module else {}
     task = build_task(saved, run.backbone, run.tokenizer, datamodule, **no_samples)
     load_task_state(task, run.saved)  # the head too, not only the backbone
+    suffix = f"-{saved.task.name}" if saved.task.name != OmegaConf.load(run.run_dir / "config.yaml").task.name else ""
+    # The steps of the scored split write a line per example (lmforge.predictions), beside the record.
+    task.predictions_file, task.predictions_split = f"eval-{split}{suffix}-predictions.jsonl", split
     limit = cfg.limit_batches if cfg.limit_batches is not None else 1.0
     trainer = pl.Trainer(
         default_root_dir=run.run_dir,  # where the task writes its reports (the confusion matrix)
@@ -149,8 +153,8 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
         "task": saved.task.name,
         "split": split,
         "metrics": metrics,
+        "predictions": str(run.run_dir / task.predictions_file),
     }
-    suffix = f"-{saved.task.name}" if saved.task.name != OmegaConf.load(run.run_dir / "config.yaml").task.name else ""
     out = run.run_dir / f"eval-{split}{suffix}.json"
     tracking.write_json(out, record)
     log.info(

@@ -47,9 +47,10 @@ class ClassificationDataModule(ExampleDataModule):
         tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: truncation is set on it
         tokenizer.enable_truncation(max_length)
         settings = {"tokenizer": tokenizer_fingerprint(tokenizer)}
+        self.texts = {split: as_table(data) for split, data in texts.items()}  # raw rows, for prediction files
         self.examples = {
-            split: ExampleRows(map_columns(as_table(data), _encode_texts, settings, keep=("label",)), ("ids", "label"))
-            for split, data in texts.items()
+            split: ExampleRows(map_columns(table, _encode_texts, settings, keep=("label",)), ("ids", "label"))
+            for split, table in self.texts.items()
         }
         n = 1 + max(max(rows.table.unique("label")) for rows in self.examples.values())
         self.label_names = list(label_names) if label_names else [str(i) for i in range(n)]

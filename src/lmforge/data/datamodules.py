@@ -247,6 +247,15 @@ class ExampleDataModule(pl.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.examples: dict[str, list] = {}  # split -> encoded examples, filled by the subclass
+        self.texts: dict = {}  # split -> its raw table (text, label...), kept by the subclass for example_texts
+
+    def example_texts(self, split: str, indices: list[int]) -> list[dict]:
+        """The raw rows (text, label...) of some examples of a split, as the source gave them: what a
+        prediction file shows of each example (empty dicts when the split's table is not kept)."""
+        if split not in self.texts:
+            return [{} for _ in indices]
+        columns = self.texts[split][list(indices)]
+        return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
     @property
     def split_sizes(self) -> dict[str, int]:

@@ -404,6 +404,7 @@ class QuestionAnsweringDataModule(ExampleDataModule):
             encode_questions(tokenizer, [], [], [], **self.window)
         self.pad_id = pad_token_id(tokenizer)
         self.questions = {split: as_table(data) for split, data in texts.items()}
+        self.texts = self.questions  # raw rows, for prediction files
         settings = {"tokenizer": tokenizer_fingerprint(tokenizer), "window": self.window}
         self.examples = {}
         for split, table in self.questions.items():

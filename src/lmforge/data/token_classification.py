@@ -158,9 +158,10 @@ class TokenClassificationDataModule(ExampleDataModule):
         self.max_token_chars = max_token_chars
         self.pad_id = pad_token_id(tokenizer)
         settings = {"tokenizer": tokenizer_fingerprint(truncating(tokenizer, max_length)), "max_chars": max_token_chars}
+        self.texts = {split: as_table(data) for split, data in texts.items()}  # raw rows, for prediction files
         self.examples = {
-            split: ExampleRows(map_columns(as_table(data), _encode_tagged, settings), EXAMPLE_COLUMNS)
-            for split, data in texts.items()
+            split: ExampleRows(map_columns(table, _encode_tagged, settings), EXAMPLE_COLUMNS)
+            for split, table in self.texts.items()
         }
 
     def task_arguments(self) -> dict:

@@ -41,6 +41,60 @@ class TaskModule(pl.LightningModule):
         self.data_arguments: dict = {}
         # Set by the training run for adapter methods: where the frozen base weights come from.
         self.base_weights: dict | None = None
+        # training_loss's state: (summed item losses, items) of the optimizer step so far, and the count
+        # that divides the returned sums (kept in checkpoints, so that a resumed run computes as before).
+        self._step_totals: torch.Tensor | None = None
+        self._reference_items: float | None = None
+
+    def training_loss(self, loss_sum: torch.Tensor, items: torch.Tensor | int) -> torch.Tensor:
+        """The loss for ``training_step`` to return, from one micro-batch's summed item losses and item count.
+
+        Items are what a task's loss averages over: target tokens, masked tokens, tagged words, windows,
+        examples. The optimizer step's gradient becomes that of the mean over all the step's items, across
+        the micro-batches of gradient accumulation and the DDP ranks, rather than a mean of per-batch means.
+        That count is known only after the last micro-batch, so :meth:`on_before_optimizer_step` rescales
+        the gradients then.
+        """
+        items = torch.as_tensor(items, dtype=torch.float32, device=loss_sum.device)
+        if self._reference_items is None:
+            # The bare sum (of thousands of token losses) would overflow fp16 gradients under loss scaling, so
+            # it is divided by a fixed count: the run's first micro-batch's, the same on every rank (DDP averages
+            # the ranks' gradients, so they must share it). The rescaling undoes it exactly.
+            self._reference_items = float(self._sum_over_ranks(items.clamp(min=1))) / self.trainer.world_size
+        totals = torch.stack([loss_sum.detach().float(), items])
+        self._step_totals = totals if self._step_totals is None else self._step_totals + totals
+        return loss_sum / self._reference_items
+
+    def on_train_start(self) -> None:
+        """Forget the counts of an interrupted fit."""
+        self._step_totals = None
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Rescale the step's gradients to the mean over all its items, and log that mean as ``train/loss``.
+
+        Lightning calls this after the step's last backward pass and fp16 unscaling, and before gradient
+        clipping, so clipping and the optimizer see the exact gradients (callbacks' hooks of this name run
+        before this one, and see them before the rescaling).
+        """
+        if self._step_totals is None:  # training_step did not use training_loss
+            return
+        loss_sum, items = self._sum_over_ranks(self._step_totals).unbind()
+        self._step_totals = None
+        items = items.clamp(min=1)
+        # Lightning divided every micro-batch's loss by accumulate_grad_batches (in an epoch's shorter last
+        # window too) and DDP or FSDP averaged the ranks' gradients (or their shards): undo both, and the
+        # reference count, then divide by the step's items.
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size * self._reference_items / items
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale)
+        self.log_train(loss_sum / items)
+
+    def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the DDP ranks (in place), or itself in a single process."""
+        if self.trainer.world_size > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
 
     def log_train(self, loss: torch.Tensor) -> None:
         """Log the training loss and learning rate to the bar and the loggers.
@@ -70,6 +124,7 @@ class TaskModule(pl.LightningModule):
         """
         checkpoint["rng_state"] = capture_rng_state()
         checkpoint["data_arguments"] = self.data_arguments
+        checkpoint["loss_reference_items"] = self._reference_items
         if self.base_weights:
             checkpoint["base"] = self.base_weights
             frozen = {p.data_ptr() for p in self.parameters() if not p.requires_grad}  # tied names included
@@ -78,10 +133,46 @@ class TaskModule(pl.LightningModule):
                     del checkpoint["state_dict"][name]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restore the random generators saved with the checkpoint."""
+        """Restore the random generators and the training loss's reference count saved with the checkpoint."""
         if "rng_state" in checkpoint:
             restore_rng_state(checkpoint["rng_state"])
+        self._reference_items = checkpoint.get("loss_reference_items")
 
     def configure_optimizers(self):
         """Optimizer with weight decay on matrices only, and a per-step schedule."""
         return configure_optimization(self, self.optimizer_factory, self.scheduler_factory)
+
+    # -- predictions on disk (lmforge.predictions): a JSON line per example of the evaluated split ------------
+
+    # The file in the run dir, and the split whose epoch writes it; lmforge-evaluate sets both.
+    predictions_file: str = "predictions.jsonl"
+    predictions_split: str = "test"
+    # Open during that epoch only; the steps write their batch's lines through it when it is not None.
+    prediction_writer = None
+
+    def on_test_epoch_start(self) -> None:
+        """Open the test split's prediction file."""
+        self._open_predictions("test")
+
+    def on_validation_epoch_start(self) -> None:
+        """Open a prediction file when validation is the split asked for (``lmforge-evaluate split=validation``)."""
+        self._open_predictions("validation")
+
+    def on_test_end(self) -> None:
+        """Finish the prediction file: parts merged across processes, renamed into place."""
+        self._close_predictions()
+
+    def on_validation_end(self) -> None:
+        """Finish the prediction file, if this validation wrote one."""
+        self._close_predictions()
+
+    def _open_predictions(self, split: str) -> None:
+        from lmforge.predictions import PredictionWriter
+
+        if split == self.predictions_split and not self.trainer.sanity_checking:
+            self.prediction_writer = PredictionWriter(self.trainer, split, self.predictions_file)
+
+    def _close_predictions(self) -> None:
+        if self.prediction_writer is not None:
+            self.prediction_writer.close()
+            self.prediction_writer = None

@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from lmforge.data.tokenizers import pad_token_id
 from lmforge.errors import LmforgeError
+from lmforge.predictions import classification_rows
 from lmforge.tasks.base import TaskModule
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
 
@@ -138,24 +139,25 @@ class ClassificationTask(TaskModule):
         return results
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """Cross-entropy of one batch."""
-        loss = F.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
-        self.log_train(loss)
-        return loss
+        """Cross-entropy of one batch, to be averaged over the examples of the whole optimizer step."""
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        return self.training_loss(F.cross_entropy(logits, batch["labels"], reduction="sum"), len(batch["labels"]))
 
-    def _evaluate(self, batch: dict, metrics: MetricCollection, loss: MeanMetric) -> torch.Tensor:
+    def _evaluate(self, batch: dict, batch_idx: int, metrics: MetricCollection, loss: MeanMetric) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])
         loss.update(F.cross_entropy(logits, batch["labels"]), weight=len(batch["labels"]))
         metrics.update(logits, batch["labels"])
+        if (writer := self.prediction_writer) is not None:
+            writer.write(classification_rows(writer.examples(batch_idx), logits, batch["labels"], self.label_names))
         return logits
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Accumulate loss, accuracy and macro F1."""
-        self._evaluate(batch, self.val_metrics, self.val_loss)
+        """Accumulate loss, accuracy and macro F1 (and write predictions for ``lmforge-evaluate split=validation``)."""
+        self._evaluate(batch, batch_idx, self.val_metrics, self.val_loss)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        """Accumulate loss, accuracy, macro F1 and the confusion matrix."""
-        self.confusion.update(self._evaluate(batch, self.test_metrics, self.test_loss), batch["labels"])
+        """Accumulate loss, accuracy, macro F1 and the confusion matrix; write each sentence's prediction."""
+        self.confusion.update(self._evaluate(batch, batch_idx, self.test_metrics, self.test_loss), batch["labels"])
 
     def on_validation_epoch_end(self) -> None:
         """Log validation loss, accuracy and macro F1."""

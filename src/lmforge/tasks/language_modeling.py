@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from torchmetrics import MeanMetric
 
 from lmforge.generation import generate
+from lmforge.predictions import window_rows
 from lmforge.tasks.base import TaskModule
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
 
@@ -112,18 +113,40 @@ class LanguageModelingTask(TaskModule):
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        """One optimisation step's loss."""
-        loss = self._loss(batch)
-        self.log_train(loss)
-        return loss
+        """The next-token loss of one batch, to be averaged over the tokens of the whole optimizer step."""
+        # Windows hold the same number of tokens, but an epoch's last batch may hold fewer windows.
+        tokens = batch[1].numel()
+        return self.training_loss(self._loss(batch) * tokens, tokens)
+
+    def _token_losses(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(B, T) next-token cross-entropy of every position (``loss_chunk_size`` positions of logits at a time)."""
+        input_ids, labels = batch
+        if self.loss_chunk_size:
+            hidden = self.backbone.hidden_states(input_ids).flatten(0, 1)
+            chunks = zip(hidden.split(self.loss_chunk_size), labels.flatten().split(self.loss_chunk_size))
+            losses = [F.cross_entropy(self.backbone.lm_head(h).float(), y, reduction="none") for h, y in chunks]
+            return torch.cat(losses).view_as(labels)
+        logits = self.backbone(input_ids)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view_as(labels)
+
+    def _evaluate(self, batch, batch_idx: int, metric: MeanMetric) -> None:
+        losses = self._token_losses(batch)
+        metric.update(losses.mean(), weight=losses.numel())
+        if (writer := self.prediction_writer) is not None:  # a line per window
+            texts = None
+            if self.tokenizer is not None:  # the whole window: its inputs and the last token they predict
+                windows = torch.cat([batch[0], batch[1][:, -1:]], dim=1)
+                texts = self.tokenizer.decode_batch(windows.tolist(), skip_special_tokens=False)
+            counts = torch.full((len(losses),), losses.shape[1])
+            writer.write(window_rows(writer.examples(batch_idx), losses.sum(1), counts, texts))
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        """Accumulate the token-weighted validation loss."""
-        self.val_loss.update(self._loss(batch), weight=batch[1].numel())
+        """Accumulate the token-weighted validation loss (and write predictions for ``lmforge-evaluate``)."""
+        self._evaluate(batch, batch_idx, self.val_loss)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        """Accumulate the token-weighted test loss."""
-        self.test_loss.update(self._loss(batch), weight=batch[1].numel())
+        """Accumulate the token-weighted test loss; write each window's loss."""
+        self._evaluate(batch, batch_idx, self.test_loss)
 
     def _log_split(self, prefix: str, split: str, metric: MeanMetric) -> None:
         loss = metric.compute()

@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lmforge.errors import LmforgeError
+from lmforge.predictions import window_rows
 from lmforge.tasks.base import TaskModule
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
 
@@ -55,13 +56,20 @@ def mask_tokens(
 class MaskedLMHead(nn.Module):
     """BERT's prediction head: dense, GELU, LayerNorm, then the (tied) word embeddings and a bias."""
 
-    def __init__(self, word_embeddings: nn.Embedding):
+    def __init__(self, word_embeddings: nn.Embedding, eps: float = 1e-12):
         super().__init__()
         vocab_size, hidden = word_embeddings.weight.shape
         self.dense = nn.Linear(hidden, hidden)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=1e-12)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
         self.decoder = nn.Linear(hidden, vocab_size)
         self.decoder.weight = word_embeddings.weight  # tied, as in BERT
+
+    @classmethod
+    def for_backbone(cls, backbone: nn.Module) -> MaskedLMHead:
+        """A head tied to ``backbone``'s word embeddings, with its LayerNorm epsilon (as Hugging Face
+        builds the head of a checkpoint with ``layer_norm_eps``)."""
+        eps = next((m.eps for m in backbone.modules() if isinstance(m, nn.LayerNorm)), 1e-12)
+        return cls(backbone.word_embeddings, eps)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) -> (N, vocab) logits."""
@@ -99,13 +107,16 @@ class MaskedLanguageModelingTask(TaskModule):
             )
         self.mask_id, self.cls_id, self.sep_id = specials.values()
         self.vocab_size = tokenizer.get_vocab_size()
+        self.tokenizer = tokenizer  # decodes the windows of prediction files
         self.mask_probability = mask_probability
         self.backbone = backbone
         if hasattr(backbone, "pooler"):  # BERT's pooler serves classification only; DDP fails on unused parameters
             backbone.pooler.requires_grad_(False)
-        self.head = MaskedLMHead(backbone.word_embeddings)
+        self.head = MaskedLMHead.for_backbone(backbone)
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
+        self.test_loss = MeanMetric()
+        self.test_acc = MeanMetric()
 
     def _masked_batch(
         self, window: torch.Tensor, generator: torch.Generator | None
@@ -117,34 +128,59 @@ class MaskedLanguageModelingTask(TaskModule):
         maskable[:, [0, -1]] = False
         return mask_tokens(ids, maskable, self.mask_id, self.vocab_size, self.mask_probability, generator)
 
-    def _loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy and accuracy over the chosen positions only (the head runs on those alone)."""
+    def _loss(
+        self, inputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy (mean or sum) and accuracy over the chosen positions only (the head runs on those alone)."""
         hidden = self.backbone.hidden_states(inputs)
         chosen = labels != IGNORE
         logits = self.head(hidden[chosen])
         targets = labels[chosen]
-        return F.cross_entropy(logits, targets), (logits.argmax(-1) == targets).float().mean()
+        return F.cross_entropy(logits, targets, reduction=reduction), (logits.argmax(-1) == targets).float().mean()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        """Mask a fresh 15% of the windows and predict them."""
-        loss, _ = self._loss(*self._masked_batch(batch[0], None))
-        self.log_train(loss)
-        return loss
+        """Mask a fresh 15% of the windows and predict them (the loss averages over the step's masked tokens)."""
+        inputs, labels = self._masked_batch(batch[0], None)
+        loss_sum, _ = self._loss(inputs, labels, reduction="sum")
+        return self.training_loss(loss_sum, (labels != IGNORE).sum())
+
+    def _evaluate(self, batch, batch_idx: int, loss_metric: MeanMetric, acc_metric: MeanMetric) -> None:
+        """Loss and accuracy on masks drawn from a seed per batch (the same at every evaluation)."""
+        generator = torch.Generator(device=batch[0].device).manual_seed(batch_idx)
+        inputs, labels = self._masked_batch(batch[0], generator)
+        chosen = labels != IGNORE
+        logits = self.head(self.backbone.hidden_states(inputs)[chosen])
+        losses = F.cross_entropy(logits.float(), labels[chosen], reduction="none")
+        right = (logits.argmax(-1) == labels[chosen]).float()
+        loss_metric.update(losses.mean(), weight=len(losses))
+        acc_metric.update(right.mean(), weight=len(losses))
+        if (writer := self.prediction_writer) is not None:  # a line per window: its masked tokens' loss
+            window = chosen.nonzero()[:, 0]  # the window of each masked token
+            sums = losses.new_zeros(len(chosen)).index_add_(0, window, losses)
+            correct = right.new_zeros(len(chosen)).index_add_(0, window, right)
+            texts = self.tokenizer.decode_batch(batch[0].tolist())
+            writer.write(window_rows(writer.examples(batch_idx), sums, chosen.sum(1), texts, correct))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         """Loss and accuracy on masks drawn from a seed per batch, the same at every validation."""
-        generator = torch.Generator(device=batch[0].device).manual_seed(batch_idx)
-        inputs, labels = self._masked_batch(batch[0], generator)
-        loss, acc = self._loss(inputs, labels)
-        n = int((labels != IGNORE).sum())
-        self.val_loss.update(loss, weight=n)
-        self.val_acc.update(acc, weight=n)
+        self._evaluate(batch, batch_idx, self.val_loss, self.val_acc)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        """Loss and accuracy on seeded masks of the test windows; write each window's loss."""
+        self._evaluate(batch, batch_idx, self.test_loss, self.test_acc)
+
+    def _log_scores(self, prefix: str, loss_metric: MeanMetric, acc_metric: MeanMetric) -> None:
+        loss = loss_metric.compute()
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
+        self.log(f"{prefix}/ppl", torch.exp(loss) if loss < 50 else torch.tensor(math.inf))
+        self.log(f"{prefix}/acc", acc_metric.compute(), prog_bar=prefix == "val")
+        loss_metric.reset()
+        acc_metric.reset()
 
     def on_validation_epoch_end(self) -> None:
         """Log masked-token loss, perplexity and accuracy."""
-        loss = self.val_loss.compute()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", torch.exp(loss) if loss < 50 else torch.tensor(math.inf))
-        self.log("val/acc", self.val_acc.compute(), prog_bar=True)
-        self.val_loss.reset()
-        self.val_acc.reset()
+        self._log_scores("val", self.val_loss, self.val_acc)
+
+    def on_test_epoch_end(self) -> None:
+        """Log the test split's masked-token loss, perplexity and accuracy."""
+        self._log_scores("test", self.test_loss, self.test_acc)

@@ -20,6 +20,7 @@ from torchmetrics.text import SQuAD
 from lmforge.data.squad import QuestionWindows, collate_questions, encode_questions
 from lmforge.data.tokenizers import pad_token_id
 from lmforge.errors import LmforgeError
+from lmforge.predictions import question_answering_rows
 from lmforge.tasks.base import TaskModule
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
 
@@ -155,19 +156,19 @@ class QuestionAnsweringTask(TaskModule):
     def _logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
 
-    def loss(self, start: torch.Tensor, end: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Mean cross-entropy of the gold first and last positions (padding excluded)."""
+    def loss(self, start: torch.Tensor, end: torch.Tensor, batch: dict, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of the gold first and last positions (padding excluded), ``mean`` or ``sum`` over windows."""
         pad = ~batch["attention_mask"].bool()
         start, end = start.masked_fill(pad, -1e4), end.masked_fill(pad, -1e4)
-        return (F.cross_entropy(start, batch["start_positions"]) + F.cross_entropy(end, batch["end_positions"])) / 2
+        starts = F.cross_entropy(start, batch["start_positions"], reduction=reduction)
+        return (starts + F.cross_entropy(end, batch["end_positions"], reduction=reduction)) / 2
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """The loss of one batch of windows."""
-        loss = self.loss(*self._logits(batch), batch)
-        self.log_train(loss)
-        return loss
+        """The loss of one batch of windows, to be averaged over the windows of the whole optimizer step."""
+        loss_sum = self.loss(*self._logits(batch), batch, reduction="sum")
+        return self.training_loss(loss_sum, len(batch["input_ids"]))
 
-    def _evaluate(self, batch: dict, scores: SQuAD, mean_loss: MeanMetric) -> None:
+    def _evaluate(self, batch: dict, batch_idx: int, scores: SQuAD, mean_loss: MeanMetric) -> None:
         start, end = self._logits(batch)
         mean_loss.update(self.loss(start, end, batch), weight=len(batch["input_ids"]))
         answers = best_answers(start, end, batch, self.max_answer_length, self.n_best)
@@ -175,14 +176,16 @@ class QuestionAnsweringTask(TaskModule):
         target = [{"answers": {"text": gold, "answer_start": [0] * len(gold)}, "id": i}
                   for gold, i in zip(batch["answers"], batch["id"])]  # fmt: skip
         scores.update(preds, target)
+        if (writer := self.prediction_writer) is not None:
+            writer.write(question_answering_rows(writer.examples(batch_idx), answers, batch))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Accumulate the loss, exact match and F1."""
-        self._evaluate(batch, self.val_scores, self.val_loss)
+        """Accumulate the loss, exact match and F1 (and write predictions for ``lmforge-evaluate split=validation``)."""
+        self._evaluate(batch, batch_idx, self.val_scores, self.val_loss)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        """Accumulate the loss, exact match and F1."""
-        self._evaluate(batch, self.test_scores, self.test_loss)
+        """Accumulate the loss, exact match and F1; write each question's answer and scores."""
+        self._evaluate(batch, batch_idx, self.test_scores, self.test_loss)
 
     def on_validation_epoch_end(self) -> None:
         """Log validation loss, exact match (``val/em``) and F1 (``val/f1``), in percent."""

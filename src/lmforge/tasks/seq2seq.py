@@ -20,6 +20,7 @@ from lmforge.data.seq2seq import IGNORE
 from lmforge.data.tokenizers import eos_token_id, pad_token_id
 from lmforge.errors import LmforgeError
 from lmforge.generation import generate
+from lmforge.predictions import seq2seq_rows
 from lmforge.tasks.base import TaskModule
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
 
@@ -138,17 +139,16 @@ class Seq2SeqTask(TaskModule):
         logits = self.backbone(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])
         return logits, batch["labels"]
 
-    def _loss(self, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    def _loss(self, batch: dict, label_smoothing: float = 0.0, reduction: str = "mean") -> tuple[torch.Tensor, int]:
         logits, labels = self.logits_and_labels(batch)
+        # The smoothing term is summed (or averaged) over the target tokens alike, so sum = mean * tokens.
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                               label_smoothing=label_smoothing)  # fmt: skip
+                               label_smoothing=label_smoothing, reduction=reduction)  # fmt: skip
         return loss, int((labels != IGNORE).sum())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """Label-smoothed cross-entropy over the target tokens of one batch."""
-        loss, _ = self._loss(batch, self.label_smoothing)
-        self.log_train(loss)
-        return loss
+        """Label-smoothed cross-entropy, averaged over the target tokens of the whole optimizer step."""
+        return self.training_loss(*self._loss(batch, self.label_smoothing, reduction="sum"))
 
     # -- generation --------------------------------------------------------------------------------
 
@@ -203,21 +203,25 @@ class Seq2SeqTask(TaskModule):
 
     # -- evaluation --------------------------------------------------------------------------------
 
-    def _evaluate(self, batch: dict, loss_metric: MeanMetric, num_beams: int, limit: int | None) -> None:
+    def _evaluate(
+        self, batch: dict, batch_idx: int, loss_metric: MeanMetric, num_beams: int, limit: int | None
+    ) -> None:
         loss, n_tokens = self._loss(batch)
         loss_metric.update(loss, weight=n_tokens)
         if limit is not None and len(self._generated) >= limit:
             return
         hypotheses = self.decode(self.generate_ids(batch["input_ids"], batch["attention_mask"], num_beams=num_beams))
         self._generated.extend(zip(hypotheses, batch["target_text"], strict=True))
+        if (writer := self.prediction_writer) is not None:  # the pairs scored, each with its sentence scores
+            writer.write(seq2seq_rows(writer.examples(batch_idx), hypotheses, batch["target_text"], self.metrics))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Accumulate the loss; generate greedily (up to ``val_generate_limit`` pairs)."""
-        self._evaluate(batch, self.val_loss, 1, self.val_generate_limit)
+        self._evaluate(batch, batch_idx, self.val_loss, 1, self.val_generate_limit)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        """Accumulate the loss; generate with ``num_beams`` beams."""
-        self._evaluate(batch, self.test_loss, self.num_beams, None)
+        """Accumulate the loss; generate with ``num_beams`` beams; write each pair's prediction."""
+        self._evaluate(batch, batch_idx, self.test_loss, self.num_beams, None)
 
     def _log_scores(self, prefix: str, loss_metric: MeanMetric) -> None:
         self.log(f"{prefix}/loss", loss_metric.compute(), prog_bar=prefix == "val")

@@ -19,6 +19,7 @@ from lmforge.data.tokenizers import pad_token_id
 from lmforge.errors import LmforgeError
 from lmforge.models.char_features import CharFeatures
 from lmforge.models.crf import LinearChainCRF
+from lmforge.predictions import tagging_rows
 from lmforge.tasks.base import TaskModule
 from lmforge.tasks.entity_metrics import EntityScores
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
@@ -153,15 +154,16 @@ class TokenClassificationTask(TaskModule):
             input_ids = input_ids.masked_fill(drop, self.unk_id)
         return self(input_ids, batch["attention_mask"], batch.get("char_ids"))
 
-    def loss(self, emissions: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Mean loss per labelled word (cross-entropy, or the CRF's negative log-likelihood), and the word count."""
+    def loss(self, emissions: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> tuple[torch.Tensor, int]:
+        """``mean`` or ``sum`` of the loss per labelled word (cross-entropy, or the CRF's NLL), and the word count."""
         keep = labels != IGNORE
         words = int(keep.sum())
         if self.crf is None:
-            return F.cross_entropy(emissions.flatten(0, 1), labels.flatten(), ignore_index=IGNORE), words
+            loss = F.cross_entropy(emissions.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction=reduction)
+            return loss, words
         scores, mask, order = compact(emissions, keep)
         nll = -self.crf.log_likelihood(scores, labels.gather(1, order), mask).sum()
-        return nll / max(words, 1), words
+        return (nll if reduction == "sum" else nll / max(words, 1)), words
 
     def predict_words(self, emissions: torch.Tensor, word_positions: torch.Tensor) -> torch.Tensor:
         """The tag of every word, from its first sub-token: (B, T, K), (B, W) -> (B, W); ``O`` for a word with no token."""
@@ -212,27 +214,27 @@ class TokenClassificationTask(TaskModule):
         return results
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """The loss of one batch."""
-        loss, _ = self.loss(self._scores(batch), batch["labels"])
-        self.log_train(loss)
-        return loss
+        """The loss of one batch, to be averaged over the labelled words of the whole optimizer step."""
+        return self.training_loss(*self.loss(self._scores(batch), batch["labels"], reduction="sum"))
 
-    def _evaluate(self, batch: dict, scores: EntityScores, mean_loss: MeanMetric) -> None:
+    def _evaluate(self, batch: dict, batch_idx: int, scores: EntityScores, mean_loss: MeanMetric) -> None:
         emissions = self._scores(batch)
         loss, words = self.loss(emissions, batch["labels"])
         mean_loss.update(loss, weight=max(words, 1))
-        preds = self.predict_words(emissions, batch["word_positions"]).tolist()
-        target = batch["word_tags"].tolist()
         lengths = (batch["word_tags"] != IGNORE).sum(1).tolist()
-        scores.update([p[:n] for p, n in zip(preds, lengths)], [t[:n] for t, n in zip(target, lengths)])
+        preds = [p[:n] for p, n in zip(self.predict_words(emissions, batch["word_positions"]).tolist(), lengths)]
+        target = [t[:n] for t, n in zip(batch["word_tags"].tolist(), lengths)]
+        scores.update(preds, target)
+        if (writer := self.prediction_writer) is not None:
+            writer.write(tagging_rows(writer.examples(batch_idx), preds, target, self.tag_names))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Accumulate the loss and the entity counts."""
-        self._evaluate(batch, self.val_scores, self.val_loss)
+        """Accumulate the loss and the entity counts (and write predictions for ``lmforge-evaluate split=validation``)."""
+        self._evaluate(batch, batch_idx, self.val_scores, self.val_loss)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        """Accumulate the loss and the entity counts."""
-        self._evaluate(batch, self.test_scores, self.test_loss)
+        """Accumulate the loss and the entity counts; write each sentence's tags and entities."""
+        self._evaluate(batch, batch_idx, self.test_scores, self.test_loss)
 
     def on_validation_epoch_end(self) -> None:
         """Log validation loss and entity precision, recall, F1."""
