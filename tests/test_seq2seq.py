@@ -12,7 +12,7 @@ from conftest import DATA_DIR, entry_cfg, requires_data
 from lmforge.compose import build_data, check_pairing
 from lmforge.data.parallel import ParallelTexts
 from lmforge.data.seq2seq import IGNORE, Seq2SeqDataModule
-from lmforge.data.tokenizers import EOS, bpe_tokenizer
+from lmforge.data.tokenizers import EOS, bpe_tokenizer, char_tokenizer, eos_token_id
 from lmforge.errors import LmforgeError
 from lmforge.inference import evaluate_run, generate_from_run
 from lmforge.models.gpt import GPT
@@ -147,12 +147,16 @@ def test_text_scores_are_sacrebleu_and_torchmetrics_rouge():
     assert text_scores(references, references, ("bleu",))["bleu"] == pytest.approx(100)
 
 
-def test_a_tokenizer_without_an_end_token_is_one_sentence(cfg_factory, tmp_path):
+def test_a_tokenizer_without_an_end_token_gets_one_for_translation(cfg_factory, tmp_path):
     write_aligned(tmp_path / "pairs", splits=(("train", 20), ("val", 5)))
     cfg = cfg_factory(["model=gpt2-tiny", "tokenizer=char", "task=seq2seq", f"task.data.path={tmp_path / 'pairs'}",
                        "task.data.source_column=en", "task.data.target_column=de"])  # fmt: skip
+    tokenizer, dm = build_data(cfg)
+    chars = tokenizer.get_vocab_size() - 1
+    assert tokenizer.token_to_id("<|endoftext|>") == dm.eos_id == chars  # after the last character's id
+    assert sorted(i for t, i in tokenizer.get_vocab().items() if t != "<|endoftext|>") == list(range(chars))
     with pytest.raises(LmforgeError, match="no end-of-sequence token .*tokenizer=bpe"):
-        build_data(cfg)
+        eos_token_id(char_tokenizer("abc"))  # a tokenizer handed over as it is (a saved run's) still says so
 
 
 TOY_RUN = ["task=seq2seq", "task.data.source_column=en", "task.data.target_column=de", "tokenizer.vocab_size=300",

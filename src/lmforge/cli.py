@@ -14,6 +14,7 @@ from typing import Any
 
 from lmforge.config_dirs import CONF_DIR, config_dirs, is_group, option_names, use_user_config_dirs
 from lmforge.errors import LmforgeError, sentence
+from lmforge.failures import failure_sentence
 
 log = logging.getLogger("lmforge")
 
@@ -240,7 +241,12 @@ def _hydra_entry(task_function: Callable[[Any], Any], config_name: str) -> None:
             except LmforgeError as err:
                 _fail(err)
             except (HydraException, OmegaConfBaseException) as err:  # an interpolation, a target that fails
-                _fail(LmforgeError(hydra_error_sentence(err)))
+                target_failed = "Error in call to target" in str(err)
+                _fail(LmforgeError(failure_sentence(err, cfg) if target_failed else hydra_error_sentence(err)))
+            except Exception as err:  # anything else a value of the config set off, deep in a library
+                if full_error == "1":
+                    raise
+                _fail(LmforgeError(failure_sentence(err, cfg)))
 
     # Hydra prints its own errors (a typo'd key, a bad override) over several lines unless this is
     # set; set, it raises them here, where they become one sentence like ours.

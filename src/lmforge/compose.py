@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from lmforge.callbacks import TokenThroughput
-from lmforge.data.tokenizers import build_tokenizer
+from lmforge.data.tokenizers import build_tokenizer, with_end_of_sequence
 from lmforge.errors import LmforgeError, sentence
 from lmforge.finetune import FinetuneMethod, Full
 from lmforge.models.layers import enable_activation_checkpointing
@@ -111,6 +111,8 @@ def build_data(
             config_key=json.dumps(OmegaConf.to_container(node), sort_keys=True),
             sample_chars=cfg.tokenizer.get("sample_chars"),
         )
+        if getattr(get_class(cfg.task.data._target_), "needs_end_of_sequence", False):
+            tokenizer = with_end_of_sequence(tokenizer)
     # Keys that task.data shares with task.source (a user's file path, its columns) are the source's, not the DataModule's.
     shared = {key for key in set(cfg.task.data) & set(cfg.task.source) if not key.startswith("_")}
     data_node = _without(cfg.task.data, *shared)
@@ -167,8 +169,26 @@ def check_pairing(cfg: DictConfig) -> None:
     """Stop before any data is read when the task cannot train this kind of model (``model=gpt2 task=mlm``)."""
     task_class = get_class(cfg.task.module._target_)
     model_kind = getattr(get_class(cfg.model._target_), "kind", None)
-    if hasattr(task_class, "check_backbone"):
+    if not hasattr(task_class, "check_backbone"):
+        return
+    try:
         task_class.check_backbone(model_kind, cfg.model.name)
+    except LmforgeError as err:
+        fitting = [name for name, kind in model_kinds().items() if kind in task_class.backbone_kinds]
+        raise LmforgeError(f"{str(err).rstrip('.')}; models that can: {', '.join(fitting)}.") from None
+
+
+def model_kinds() -> dict[str, str | None]:
+    """Each model config's name (lmforge's and the user's) -> the kind of backbone it builds."""
+    from lmforge.config_dirs import config_dirs
+
+    kinds = {}
+    for folder in reversed(config_dirs()):  # the user's dirs last: their files win
+        for path in sorted((folder / "model").glob("*.yaml")):
+            target = OmegaConf.load(path).get("_target_")
+            if target:
+                kinds[path.stem] = getattr(get_class(target), "kind", None)
+    return dict(sorted(kinds.items()))
 
 
 def resolve_deterministic(value: Any, accelerator: Any) -> bool | str | None:

@@ -143,7 +143,8 @@ def command_line_overrides() -> list[str]:
 def resumed_config(resume: str, overrides: list[str]) -> DictConfig:
     """The saved config of the run dir ``resume``, with dotted overrides such as ``trainer.max_steps=4000``.
 
-    Group choices (``model=...``) cannot change on resume and are ignored.
+    Anything else (a group choice such as ``model=gpt2``, a top-level key such as ``seed=2``) would
+    change what the run is; unless it names what the run has already, it is refused in one sentence.
     """
     run_dir = Path(resume).expanduser().resolve()
     if not (run_dir / "config.yaml").is_file():
@@ -153,6 +154,17 @@ def resumed_config(resume: str, overrides: list[str]) -> DictConfig:
         raise LmforgeError(f"Cannot resume {run_dir}: it has no checkpoints/last.ckpt yet; start a new run instead.")
     load_checkpoint(checkpoint)  # a damaged file fails here, in one sentence
     cfg = OmegaConf.load(run_dir / "config.yaml")
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if "." in key or key in ("resume", "hydra") or key.startswith("hydra/"):
+            continue
+        saved = OmegaConf.select(cfg, key)
+        saved = saved.get("name") if isinstance(saved, DictConfig) else saved
+        if str(saved) != value:
+            raise LmforgeError(
+                f"Cannot resume {run_dir} with {key}={value}: the run was trained with {key}={saved}; drop "
+                f"{key}= to continue it, or start a new run (init_from={run_dir} starts one from its weights)."
+            )
     dotted = [o.lstrip("+") for o in overrides if "=" in o and "." in o.split("=", 1)[0]]
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
     cfg.resume = str(run_dir)

@@ -34,6 +34,8 @@ class Seq2SeqDataModule(ExampleDataModule):
     """
 
     size_unit = "pairs"
+    # Targets end with an end-of-sequence token: a tokenizer built for this data gets one if it has none.
+    needs_end_of_sequence = True
 
     def __init__(
         self,
@@ -58,9 +60,10 @@ class Seq2SeqDataModule(ExampleDataModule):
             "tokenizer": tokenizer_fingerprint(tokenizer), "eos_id": self.eos_id, "source_prefix": source_prefix,
             "max_source_length": max_source_length, "max_target_length": max_target_length,
         }  # fmt: skip
+        self.texts = {split: as_table(pairs) for split, pairs in texts.items()}  # raw rows, for prediction files
         self.examples = {
-            split: ExampleRows(map_columns(as_table(pairs), _encode_pairs, settings, keep=("target",)), self.COLUMNS)
-            for split, pairs in texts.items()
+            split: ExampleRows(map_columns(table, _encode_pairs, settings, keep=("target",)), self.COLUMNS)
+            for split, table in self.texts.items()
         }
 
     COLUMNS = ("source_ids", "target_ids", "target")

@@ -154,9 +154,21 @@ def pad_token_id(tokenizer: Tokenizer) -> int:
     return 0
 
 
+def with_end_of_sequence(tokenizer: Tokenizer) -> Tokenizer:
+    """``tokenizer``, given an end-of-sequence token (``<|endoftext|>``, a special token after its last
+    id) when it has none: what a task that ends its targets with one needs (a character or word
+    vocabulary trained for translation)."""
+    if not any(tokenizer.token_to_id(token) is not None for token in END_OF_SEQUENCE):
+        tokenizer.add_special_tokens([EOS])
+    return tokenizer
+
+
+END_OF_SEQUENCE = (EOS, "</s>", "[SEP]")  # what each tokenizer family calls it
+
+
 def eos_token_id(tokenizer: Tokenizer) -> int:
     """The end-of-sequence id that seq2seq targets end with (and decoders start from)."""
-    for token in (EOS, "</s>", "[SEP]"):
+    for token in END_OF_SEQUENCE:
         if tokenizer.token_to_id(token) is not None:
             return tokenizer.token_to_id(token)
     raise LmforgeError(

@@ -1,0 +1,89 @@
+"""The error boundary of every command: an exception that is not already one of lmforge's sentences
+(a library refusing a value deep inside the optimizer, a DataLoader, a callback, the model's forward)
+becomes one sentence that names the config key or group it came from."""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig
+
+from lmforge.errors import sentence
+
+# Where a frame's file lies -> the config group that sets up that code; the first match counts.
+AREAS = (
+    ("lmforge/data/tokenizers", "tokenizer"),
+    ("torch/optim/lr_scheduler", "scheduler"),
+    ("lmforge/tasks/schedules", "scheduler"),
+    ("torch/optim/", "optimizer"),
+    ("lmforge/tasks/optim", "optimizer"),
+    ("lmforge/models/", "model"),
+    ("lmforge/data/", "task.data or task.source"),
+    ("torch/utils/data/", "task.data"),
+    ("lmforge/generation", "the generation settings"),
+    ("lmforge/export", "the export settings"),
+    ("lmforge/finetune", "finetune"),
+    ("peft/", "finetune"),
+    ("pytorch_lightning/callbacks/", "callbacks"),
+    ("lmforge/callbacks", "callbacks"),
+    ("pytorch_lightning/loggers/", "logger"),
+    ("wandb/", "logger"),
+    ("lmforge/tasks/", "task.module"),
+    ("pytorch_lightning/", "trainer"),
+    ("lightning_fabric/", "trainer"),
+)
+
+
+def failure_sentence(err: BaseException, cfg: Any = None) -> str:
+    """One sentence for ``err``: the config key or group it came from, the exception's own first line,
+    and how to see the traceback."""
+    cause = err
+    while cause.__cause__ is not None and type(cause).__name__ == "InstantiationException":
+        cause = cause.__cause__
+    where = _key_of_target(cfg, _failed_target(err)) or _group_of_frames(err) or "the run"
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    first = lines[0].strip().rstrip(".") if lines else ""
+    what = f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+    return sentence(f"{where}: {what} (check the values it is given; HYDRA_FULL_ERROR=1 shows the traceback)")
+
+
+def _failed_target(err: BaseException) -> str | None:
+    """The ``_target_`` that Hydra failed to call, from its message (``Error in call to target 'x.Y'``)."""
+    text = str(err)
+    marker = "Error in call to target '"
+    if marker in text:
+        return text.split(marker, 1)[1].split("'", 1)[0]
+    return None
+
+
+def _key_of_target(cfg: Any, target: str | None, prefix: str = "") -> str | None:
+    """The dotted key of the config node whose ``_target_`` is ``target``."""
+    if target is None or not isinstance(cfg, (DictConfig, ListConfig, dict)):
+        return None
+    items = cfg.items() if isinstance(cfg, (DictConfig, dict)) else enumerate(cfg)
+    for key, value in items:
+        path = f"{prefix}{key}"
+        if key == "_target_" and value == target:
+            return prefix.rstrip(".") or None
+        if isinstance(value, (DictConfig, ListConfig, dict)):
+            found = _key_of_target(value, target, f"{path}.")
+            if found:
+                return found
+    return None
+
+
+def _group_of_frames(err: BaseException) -> str | None:
+    """The config group of the deepest frame (of ``err`` and the errors it came from) in a known place."""
+    group = None
+    seen = err
+    chain = []
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for exc in chain:  # outer first: the innermost error's deepest known frame has the last word
+        for frame in traceback.extract_tb(exc.__traceback__):
+            path = frame.filename.replace("\\", "/")
+            match = next((name for fragment, name in AREAS if fragment in path), None)
+            group = match or group
+    return group
