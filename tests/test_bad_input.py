@@ -47,6 +47,7 @@ CASES = [
     ("checkpointing-an-rnn", ["train", "model=lstm", "task=text-classification", "task.data.path={data}/reviews.csv", "activation_checkpointing=true"], {}, r"^activation_checkpointing=true needs a transformer backbone; lstm has no blocks to checkpoint\.$"),
     ("missing-dataset", ["train", "task=sst2"], {"LMFORGE_DATA": "{empty}"}, r"^Dataset 'sst2' not found: looked in .*glue/sst2.*set LMFORGE_DATA"),
     ("empty-data-file", ["train", "task=text-classification", "task.data.path={data}/empty.csv"], {}, r"^Data file .*empty\.csv is empty"),
+    ("header-only-data-file", ["train", "task=text-classification", "task.data.path={data}/header-only.csv"], {}, r"^Data file .*header-only\.csv holds no examples \(a header only\)"),
     ("missing-label-column", ["train", "task=text-classification", "task.data.path={data}/stars.csv"], {}, r"has no column 'label' \(it has: text, stars\); set task\.data\.text_column"),
     ("corrupt-checkpoint", ["train", "resume={corrupt}"], {}, r"^Checkpoint .*last\.ckpt cannot be read \(\w+\); it is corrupt"),
     ("resume-other-model", ["train", "resume={run}", "model=lstm"], {}, r"^Cannot resume .* with model=lstm: the run was trained with model=gpt2-tiny; drop model= to continue it, or start a new run \(init_from="),
@@ -114,6 +115,7 @@ def places(tmp_path_factory) -> dict[str, str]:
     with open(data / "stars.csv", "w", newline="") as f:
         csv.writer(f).writerows([["text", "stars"], *[["a film", 3]] * 10])
     (data / "empty.csv").touch()
+    (data / "header-only.csv").write_text("text,label\n\n")
     (root / "empty").mkdir()
     runs = root / "runs"
     lm = run_training(make_cfg(TINY_RUN, runs))["run_dir"]

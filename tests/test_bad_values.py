@@ -25,7 +25,7 @@ from lmforge.training import run_training
 
 pytestmark = pytest.mark.slow
 
-SKIP = ("hydra", "paths", "resume", "init_from", "stages", "run_id", "run", "checkpoint", "out", "experiment")
+SKIP = ("hydra", "paths", "resume", "init_from", "stages", "run_id", "run", "experiment", "data_dir")
 # How many leaves of train.yaml to try in one CI run (fixed seed); generate's are all tried.
 TRAIN_SAMPLE = 60
 
@@ -39,7 +39,9 @@ def bad_values(value) -> list[str]:
     if isinstance(value, float):
         return ["0.0", "-1.0"]
     if isinstance(value, str):
-        return ["''", "/no/such/path"]
+        return ["''", "no/such/path"]  # relative: the child runs in a temporary folder
+    if value is None:  # a key whose type the config does not show: a word and a negative number
+        return ["nonsense", "-1"]
     return []
 
 
@@ -123,16 +125,35 @@ def test_every_train_leaf_given_a_bad_value_runs_or_stops_in_one_sentence(tmp_pa
     assert not failures(results), "\n".join(failures(results))
 
 
-def test_every_generate_leaf_given_a_bad_value_runs_or_stops_in_one_sentence(tmp_path):
-    record = run_training(make_cfg([*TINY, "trainer.max_steps=2"], tmp_path / "out"))
-    run_dir = Path(record["run_dir"])
-    saved = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    cfg = entry_cfg("generate", [f"run={run_dir}"])
-    cases = [
-        {"command": "generate", "argv": [f"run={run_dir}", "prompt=ROMEO:", "max_new_tokens=4", f"{key}={value}"]}
-        for key, value in leaf_cases(cfg, None)
-        if key not in ("prompt",)
-    ]
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory):
+    """A finished language-model run and a finished classifier run, to read from."""
+    root = tmp_path_factory.mktemp("runs")
+    lm = run_training(make_cfg([*TINY, "trainer.max_steps=2"], root))
+    cls = run_training(make_cfg(["model=gru", "task=sst2", "debug=fast", "logger=none", "model.hidden_size=16",
+                                 "task.data.batch_size=8"], root))  # fmt: skip
+    return Path(lm["run_dir"]), Path(cls["run_dir"])
+
+
+# The command, the run it reads, and the arguments each case starts from (the case's value comes last).
+INFERENCE = [
+    ("generate", "lm", ["prompt=ROMEO:", "max_new_tokens=4"]),
+    ("evaluate", "lm", ["limit_batches=2"]),
+    ("predict", "cls", ["text=a gorgeous film"]),
+    ("export", "cls", ["out=exported"]),
+]
+
+
+def test_every_leaf_of_the_inference_commands_given_a_bad_value_runs_or_stops_in_one_sentence(tmp_path, finished_runs):
+    runs = dict(zip(("lm", "cls"), finished_runs))
+    saved = {p: p.read_bytes() for run in runs.values() for p in run.rglob("*") if p.is_file()}
+    cases = []
+    for command, run, start in INFERENCE:
+        cfg = entry_cfg(command, [f"run={runs[run]}", *start] + (["out=x"] if command == "export" else []))
+        for key, value in leaf_cases(cfg, None):
+            cases.append({"command": command, "argv": [f"run={runs[run]}", *start, f"{key}={value}"]})
+    assert {c["command"] for c in cases} == {"generate", "evaluate", "predict", "export"}
     results = run_cases(cases, tmp_path)
     assert not failures(results), "\n".join(failures(results))
-    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == saved  # wrote over nothing
+    for path, content in saved.items():  # new files (eval-*.json) may appear; none is written over
+        assert path.read_bytes() == content, path

@@ -42,7 +42,6 @@ def test_every_pair_composes_or_is_refused_in_one_sentence_naming_the_models_tha
 # One model per backbone class and default tokenizer: the sizes of a class (gpt2, gpt2-mini) share all code.
 REPRESENTATIVES = {
     "gpt2-tiny": [],
-    "gpt2-tiny+gpt2-tokenizer": ["tokenizer=gpt2"],
     "bert-tiny": [],
     "t5-tiny": [],
     "lstm": [],

@@ -242,11 +242,11 @@ def _hydra_entry(task_function: Callable[[Any], Any], config_name: str) -> None:
                 _fail(err)
             except (HydraException, OmegaConfBaseException) as err:  # an interpolation, a target that fails
                 target_failed = "Error in call to target" in str(err)
-                _fail(LmforgeError(failure_sentence(err, cfg) if target_failed else hydra_error_sentence(err)))
+                _fail(LmforgeError(_failure(err, cfg) if target_failed else hydra_error_sentence(err)))
             except Exception as err:  # anything else a value of the config set off, deep in a library
                 if full_error == "1":
                     raise
-                _fail(LmforgeError(failure_sentence(err, cfg)))
+                _fail(LmforgeError(_failure(err, cfg)))
 
     # Hydra prints its own errors (a typo'd key, a bad override) over several lines unless this is
     # set; set, it raises them here, where they become one sentence like ours.
@@ -259,6 +259,15 @@ def _hydra_entry(task_function: Callable[[Any], Any], config_name: str) -> None:
                 raise
             error = LmforgeError(hydra_error_sentence(err))
     _fail(error)
+
+
+def _failure(err: BaseException, cfg: Any) -> str:
+    """:func:`failure_sentence` for an error of the current Hydra job, with its value overrides as suspects."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    keys = set(_value_override_keys(overrides))
+    return failure_sentence(err, cfg, [o for o in overrides if o.partition("=")[0].lstrip("+~") in keys])
 
 
 def _check_job_overrides(cfg: Any, config_name: str) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tokenizers import Tokenizer
 from torch import nn
 
@@ -126,6 +126,20 @@ def build_data(
     return tokenizer, datamodule
 
 
+def fit_context_to_data(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
+    """Give a model that starts from scratch the context its data needs: ``model.n_positions`` raised to
+    the DataModule's ``block_size`` (a decoder's: its ``joined_length``, source then target) with one log
+    line, as learned positions have no trained length to keep."""
+    block_size = getattr(datamodule, "block_size", None)
+    if getattr(get_class(cfg.model._target_), "kind", None) == "decoder":
+        block_size = getattr(datamodule, "joined_length", block_size)
+    n_positions = cfg.model.get("n_positions")
+    if block_size and n_positions and block_size > n_positions:
+        log.info("model.n_positions: %d -> %d, the longest sequence of the task's data", n_positions, block_size)
+        with open_dict(cfg):
+            cfg.model.n_positions = block_size
+
+
 def build_task(
     cfg: DictConfig, backbone: nn.Module, tokenizer: Tokenizer, datamodule: pl.LightningDataModule, **overrides: Any
 ) -> pl.LightningModule:
@@ -225,6 +239,8 @@ def build_run(
     """
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer, datamodule = build_data(cfg, tokenizer)
+    if load_weights is None and not cfg.get("resume"):
+        fit_context_to_data(cfg, datamodule)
     backbone = build_backbone(cfg.model, tokenizer.get_vocab_size())
     task = build_task(cfg, backbone, tokenizer, datamodule)
     if load_weights is not None:

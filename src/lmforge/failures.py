@@ -35,9 +35,14 @@ AREAS = (
 )
 
 
-def failure_sentence(err: BaseException, cfg: Any = None) -> str:
+def failure_sentence(err: BaseException, cfg: Any = None, overrides: list[str] = ()) -> str:
     """One sentence for ``err``: the config key or group it came from, the exception's own first line,
-    and how to see the traceback."""
+    and how to see the traceback.
+
+    Args:
+        overrides: the command line's ``key=value`` overrides; those under the group at fault are
+            named as the culprits, and otherwise listed as suspects.
+    """
     cause = err
     while cause.__cause__ is not None and type(cause).__name__ == "InstantiationException":
         cause = cause.__cause__
@@ -45,7 +50,12 @@ def failure_sentence(err: BaseException, cfg: Any = None) -> str:
     lines = [line for line in str(cause).splitlines() if line.strip()]
     first = lines[0].strip().rstrip(".") if lines else ""
     what = f"{type(cause).__name__}: {first}" if first else type(cause).__name__
-    return sentence(f"{where}: {what} (check the values it is given; HYDRA_FULL_ERROR=1 shows the traceback)")
+    groups = tuple(f"{group.strip()}." for group in where.split(" or "))
+    culprits = [o for o in overrides if o.lstrip("+").startswith(groups)]
+    if culprits:
+        return sentence(f"{', '.join(culprits)}: {what} (HYDRA_FULL_ERROR=1 shows the traceback)")
+    suspects = f"; set on the command line: {', '.join(overrides)}" if overrides else ""
+    return sentence(f"{where}: {what} (HYDRA_FULL_ERROR=1 shows the traceback{suspects})")
 
 
 def _failed_target(err: BaseException) -> str | None:

@@ -79,7 +79,10 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
             log.info("run dir: %s finished in an earlier attempt of this job; not training it again", run_dir)
             return json.loads((run_dir / "metrics.json").read_text())
         if resume_checkpoint(run_dir) and (run_dir / "config.yaml").is_file():
-            log.info("run dir %s holds an unfinished run of this command: resuming it", run_dir)
+            if shared_name:
+                log.info("an earlier attempt of this job started this run: resuming it")
+            else:
+                log.info("run dir %s holds an unfinished run of this command: resuming it", run_dir)
             cfg = resumed_config(str(run_dir), [])
             run_id = cfg.run_id
     else:
@@ -237,6 +240,7 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         run.task.strict_loading = False
     if is_rank_zero():
         save_tokenizer(run.tokenizer, run_dir)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)  # with what the build settled (n_positions)
     n_params = sum(p.numel() for p in run.backbone.parameters())
     trainable = sum(p.numel() for p in run.task.parameters() if p.requires_grad)
     trainer = run.trainer

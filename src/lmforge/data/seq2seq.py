@@ -55,6 +55,7 @@ class Seq2SeqDataModule(ExampleDataModule):
         self.eos_id = eos_token_id(tokenizer)
         self.pad_id = pad_token_id(tokenizer)
         self.block_size = max(max_source_length, max_target_length)
+        self.joined_length = max_source_length + max_target_length  # what a decoder reads: source, then target
         self.bucket_by_length = bucket_by_length
         settings = {
             "tokenizer": tokenizer_fingerprint(tokenizer), "eos_id": self.eos_id, "source_prefix": source_prefix,

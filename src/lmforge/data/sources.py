@@ -252,6 +252,9 @@ class LabeledTexts(TextCorpus):
         for path in files.values():
             if Path(path).stat().st_size == 0:
                 raise LmforgeError(f"Data file {path} is empty; give it a header line and one example per line.")
+            header = 0 if path.endswith((".json", ".jsonl")) else 1
+            if len(_first_lines(path, header + 1)) <= header:
+                raise LmforgeError(f"Data file {path} holds no examples (a header only); give it one example per line.")
         if not first.endswith((".json", ".jsonl", ".csv", ".tsv", ".txt")):
             raise LmforgeError(f"Cannot read {first}: labelled data must be .csv, .tsv, .json or .jsonl.")
         try:
@@ -311,6 +314,18 @@ class LabeledTexts(TextCorpus):
         cut = max(1, int(n * self.holdout_fraction))
         log.info("data: no validation split; holding out %d of %d examples (holdout_fraction)", cut, n)
         return {"train": data.select(np.sort(order[cut:])), "validation": data.select(np.sort(order[:cut])), **texts}
+
+
+def _first_lines(path: str, n: int) -> list[str]:
+    """Up to ``n`` non-blank lines from the start of a text file (read no further)."""
+    lines = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                lines.append(line)
+                if len(lines) == n:
+                    break
+    return lines
 
 
 def map_columns(
