@@ -85,15 +85,6 @@ class PretrainedWeights:
         wanted = self.family.architectures.get(kind)
         if kind is not None and wanted not in saved_as and saved_as & set(self.family.architectures.values()):
             fits = {n: t for n, t in fits.items() if not n.startswith("head.")}
-        # Hugging Face builds a head's LayerNorm (BERT's masked-LM transform) with the checkpoint's epsilon too.
-        eps = self.model_overrides().get("layer_norm_eps")
-        for name, module in task.named_modules():
-            loaded_norm = isinstance(module, nn.LayerNorm) and name.startswith("head.") and f"{name}.weight" in fits
-            if loaded_norm and eps is not None and module.eps != eps:
-                raise LmforgeError(
-                    f"This checkpoint has layer_norm_eps={eps!r}, which its {name} uses too; "
-                    f"lmforge builds {name} with eps={module.eps!r}."
-                )
         for name, tensor in self.state.items():
             if name.startswith("backbone.") and name in own and name not in fits:
                 raise LmforgeError(

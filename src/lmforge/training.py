@@ -227,6 +227,7 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         load_weights = lambda task: init_backbone(task.backbone, init_checkpoint)  # noqa: E731
     else:
         load_weights = None
+    saved_config = OmegaConf.to_yaml(cfg)
     try:
         run = build_run(cfg, loggers, tokenizer=tokenizer, load_weights=load_weights)
         if pretrained is not None:
@@ -240,7 +241,8 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         run.task.strict_loading = False
     if is_rank_zero():
         save_tokenizer(run.tokenizer, run_dir)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)  # with what the build settled (n_positions)
+        if OmegaConf.to_yaml(cfg) != saved_config:  # the build settled something (model.n_positions)
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     n_params = sum(p.numel() for p in run.backbone.parameters())
     trainable = sum(p.numel() for p in run.task.parameters() if p.requires_grad)
     trainer = run.trainer
