@@ -76,7 +76,7 @@ def test_submitit_local_launcher_runs_a_sweep_as_jobs(tmp_path):
 def test_a_key_the_model_does_not_take_is_one_sentence():
     from omegaconf import OmegaConf
 
-    from lmforge.compose import build_backbone
+    from lmforge.compose.parts import build_backbone
 
     node = OmegaConf.create({"name": "gpt2-tiny", "_target_": "lmforge.models.gpt.GPT", "hidden_size": 64})
     with pytest.raises(LmforgeError, match=r"^Model gpt2-tiny cannot be built from its config: .*'hidden_size'\.$"):

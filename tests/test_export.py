@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 from test_pretrained import padded, saved, sst2_sentences
 
 from conftest import TINY, requires_data
-from lmforge.compose import make_task
+from lmforge.compose.parts import make_task
+from lmforge.compose.weights import load_run
 from lmforge.errors import LmforgeError
 from lmforge.export import export_run
-from lmforge.runs import load_run, load_task_state
+from lmforge.rundirs.checkpoints import load_task_state
 from lmforge.training import run_training
 
 transformers = pytest.importorskip("transformers")

@@ -137,9 +137,9 @@ def test_lora_run_keeps_small_checkpoints_and_resumes_exactly(cfg_factory, gpt2_
 def test_lora_run_generates_evaluates_and_exports_merged(cfg_factory, gpt2_folder, tmp_path):
     transformers = pytest.importorskip("transformers")
     from conftest import entry_cfg
+    from lmforge.compose.weights import load_run
     from lmforge.export import export_run
     from lmforge.inference import evaluate_run
-    from lmforge.runs import load_run
 
     record = run_training(cfg_factory(lora_run(gpt2_folder, "optimizer.lr=1e-2")))
     run = load_run(record["run_dir"])
@@ -219,7 +219,7 @@ def test_cached_generation_with_prefix_or_prompt_equals_recomputing(method):
 @requires_data
 @pytest.mark.slow
 def test_init_from_a_lora_run_starts_from_its_merged_weights(cfg_factory, gpt2_folder):
-    from lmforge.runs import load_run
+    from lmforge.compose.weights import load_run
 
     lora = run_training(cfg_factory(lora_run(gpt2_folder, "optimizer.lr=1e-2")))
     shape = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.n_positions=64"]

@@ -14,7 +14,7 @@ from omegaconf import open_dict
 from torch import nn
 
 from conftest import DATA_DIR, requires_data
-from lmforge.compose import build_backbone
+from lmforge.compose.parts import build_backbone
 from lmforge.data.tokenizers import gpt2_tokenizer, wordpiece_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models.pretrained import FAMILIES, backbone_kwargs, field_rule, import_state

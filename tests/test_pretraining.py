@@ -79,7 +79,7 @@ def test_init_from_loads_the_backbone_and_reports_what_it_skipped(pretrained_run
     line = next(line for line in Path(record["run_dir"], "train.log").read_text().splitlines() if " init_from " in line)
     assert "loaded 39 of 39 backbone tensors" in line and "the task head only" in line
     assert "head.decoder" in line  # the MLM head stayed behind
-    from lmforge.runs import backbone_state_dict, load_checkpoint
+    from lmforge.rundirs.checkpoints import backbone_state_dict, load_checkpoint
 
     before = backbone_state_dict(load_checkpoint(pretrained_run["best_checkpoint"]))
     after = backbone_state_dict(load_checkpoint(record["run_dir"] + "/checkpoints/last.ckpt"))

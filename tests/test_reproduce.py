@@ -12,7 +12,7 @@ import torch
 
 from conftest import TINY, entry_cfg, make_cfg
 from lmforge import tracking
-from lmforge.compose import resolve_deterministic
+from lmforge.compose.run import resolve_deterministic
 from lmforge.errors import LmforgeError
 from lmforge.reproduce import check_options, compare_metrics, format_table, reproduce_run
 from lmforge.training import run_training

@@ -388,7 +388,7 @@ def test_a_head_of_another_kind_is_not_loaded_even_when_its_shape_fits(cfg_facto
     from omegaconf import open_dict
     from test_pretrained import saved
 
-    from lmforge.compose import build_backbone
+    from lmforge.compose.parts import build_backbone
     from lmforge.pretrained_weights import resolve_pretrained
 
     config = transformers.BertConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=32,

@@ -74,7 +74,7 @@ def test_corrupt_tokenizer_file_is_one_clear_error(tmp_path):
 
 @requires_data
 def test_tokenizer_configs_find_their_files_in_the_mirror(cfg_factory):
-    from lmforge.compose import build_data
+    from lmforge.compose.parts import build_data
 
     for name, size in (("gpt2", 50257), ("wordpiece", 30522)):
         tokenizer, _ = build_data(cfg_factory([f"tokenizer={name}", "logger=none"]))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY, SimulatedCrash, entry_cfg, requires_data
-from lmforge.compose import build_callbacks
+from lmforge.compose.parts import build_callbacks
 from lmforge.errors import LmforgeError
 from lmforge.inference import evaluate_run
 from lmforge.training import run_training

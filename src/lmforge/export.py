@@ -19,7 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lmforge.compose import MODEL_DESCRIPTION_KEYS, build_finetune, make_task
+from lmforge.compose.parts import MODEL_DESCRIPTION_KEYS, build_finetune, make_task
+from lmforge.compose.weights import load_run
 from lmforge.data.tokenizers import EOS, eos_token_id, pad_token_id
 from lmforge.errors import LmforgeError
 from lmforge.models.pretrained import (
@@ -30,7 +31,7 @@ from lmforge.models.pretrained import (
     family_of_backbone,
     head_kind,
 )
-from lmforge.runs import load_run, load_task_state
+from lmforge.rundirs.checkpoints import load_task_state
 
 log = logging.getLogger("lmforge")
 

@@ -12,12 +12,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmforge import tracking
-from lmforge.compose import build_data, build_task, make_task
+from lmforge.compose.parts import build_data, build_task, make_task
+from lmforge.compose.weights import load_run
 from lmforge.console import setup_console
 from lmforge.data.tokenizers import EOS
 from lmforge.errors import LmforgeError
 from lmforge.generation import generate
-from lmforge.runs import load_run, load_task_state
+from lmforge.rundirs.checkpoints import load_task_state
 
 log = logging.getLogger("lmforge")
 

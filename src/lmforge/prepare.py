@@ -22,7 +22,7 @@ log = logging.getLogger("lmforge")
 
 def prepare_data(cfg: DictConfig) -> dict[str, token_store.TokenStore]:
     """Build (or find) the tokenizer and every split's token store of the composed run config; log their sizes."""
-    from lmforge.compose import build_data
+    from lmforge.compose.parts import build_data
 
     setup_console()
     if not issubclass(get_class(cfg.task.data._target_), LanguageModelingDataModule):

@@ -31,7 +31,7 @@ from lmforge.models.pretrained import (
     read_hf_folder,
     unclassified_fields,
 )
-from lmforge.runs import group_names
+from lmforge.rundirs.checkpoints import group_names
 
 log = logging.getLogger("lmforge")
 

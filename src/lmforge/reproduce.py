@@ -158,7 +158,7 @@ def compare_metrics(original: dict[str, float], reproduced: dict[str, float], to
 
 def compare_weights(original_dir: Path, new_dir: Path, tolerance: float) -> dict[str, Any]:
     """The largest absolute difference between the two runs' final weights (``checkpoints/last.ckpt``)."""
-    from lmforge.runs import load_checkpoint
+    from lmforge.rundirs.checkpoints import load_checkpoint
 
     old_path, new_path = original_dir / "checkpoints" / "last.ckpt", new_dir / "checkpoints" / "last.ckpt"
     if not old_path.is_file():

@@ -6,15 +6,21 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmforge import tracking
-from lmforge.compose import build_finetune, build_loggers, build_run, check_pairing
+from lmforge.compose.parts import build_loggers, check_pairing
+from lmforge.compose.run import Run, build_run
+from lmforge.compose.weights import starting_weights
 from lmforge.console import log_to_file, setup_console
-from lmforge.data.tokenizers import load_tokenizer, save_tokenizer
+from lmforge.data.tokenizers import save_tokenizer
 from lmforge.distributed import (
     RUN_DIR_VAR,
     RUN_ID_VAR,
@@ -25,8 +31,7 @@ from lmforge.distributed import (
 )
 from lmforge.errors import LmforgeError
 from lmforge.finetune import describe_trainable
-from lmforge.pretrained_weights import resolve_pretrained
-from lmforge.runs import init_backbone, init_source, load_checkpoint
+from lmforge.rundirs.checkpoints import load_checkpoint, resume_checkpoint
 
 log = logging.getLogger("lmforge")
 
@@ -47,54 +52,17 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     """
     setup_console(quiet=not is_rank_zero())
     stopwatch = tracking.Stopwatch()
-    shared_name = shared_run_name()
     if is_rank_zero() and (caveat := torchrun_restart_caveat()):
         log.warning(caveat)
-    named = cfg.paths.get("run_dir")  # hydra.run.dir / hydra.sweep.dir, or paths.run_dir: where the user wants it
-    if cfg.get("resume"):
-        cfg = resumed_config(cfg.resume, command_line_overrides())
-        run_id, run_dir = cfg.run_id, Path(cfg.paths.run_dir)
-    elif not is_rank_zero() and os.environ.get(RUN_DIR_VAR) and not shared_name:
-        # A DDP worker started by Lightning: join the run dir that rank 0 made.
-        run_id, run_dir = os.environ[RUN_ID_VAR], Path(os.environ[RUN_DIR_VAR])
-    elif shared_name or named:
-        # Every rank of a job, and the job again after a requeue or restart, name the same dir.
-        digest = tracking.config_digest(cfg)
-        if named:
-            run_dir = Path(named).expanduser().resolve()
-            run_dir.mkdir(parents=True, exist_ok=True)
-            run_id = "-".join(filter(None, (shared_name, digest))) if shared_name else tracking.new_run_id()
-        else:
-            run_id, run_dir = tracking.make_run_dir(
-                cfg.paths.output_root, cfg.model.name, cfg.task.name, shared_name, digest
-            )
-        # The dir may hold this run from an earlier attempt (a Slurm requeue, a torchrun restart, the
-        # same command run again): continue it rather than write over it.
-        if (run_dir / "metrics.json").is_file():
-            if not shared_name:
-                raise LmforgeError(
-                    f"{run_dir} holds a finished run already; name another run dir (hydra.run.dir or "
-                    "paths.run_dir), or leave it out for a new dir under paths.output_root."
-                )
-            log.info("run dir: %s finished in an earlier attempt of this job; not training it again", run_dir)
-            return json.loads((run_dir / "metrics.json").read_text())
-        if resume_checkpoint(run_dir) and (run_dir / "config.yaml").is_file():
-            if shared_name:
-                log.info("an earlier attempt of this job started this run: resuming it")
-            else:
-                log.info("run dir %s holds an unfinished run of this command: resuming it", run_dir)
-            cfg = resumed_config(str(run_dir), [])
-            run_id = cfg.run_id
-    else:
-        run_id, run_dir = tracking.make_run_dir(cfg.paths.output_root, cfg.model.name, cfg.task.name)
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(run_dir)
-        cfg.run_id = run_id
+    cfg, finished = choose_run_dir(cfg)
+    if finished is not None:
+        return finished
+    run_dir = Path(cfg.paths.run_dir)
     # Lightning starts the other DDP ranks as copies of this command; they inherit these.
-    os.environ[RUN_DIR_VAR], os.environ[RUN_ID_VAR] = str(run_dir), run_id
+    os.environ[RUN_DIR_VAR], os.environ[RUN_ID_VAR] = str(run_dir), cfg.run_id
     file_log = log_to_file(run_dir) if is_rank_zero() else None
     try:
-        return _train_in(cfg, run_id, run_dir, stopwatch)
+        return _train_in(cfg, run_dir, stopwatch)
     except BaseException:
         tracking.finish_wandb(exit_code=1)  # else the next run in this process would log into this one
         raise
@@ -105,6 +73,61 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         if is_rank_zero():
             os.environ.pop(RUN_DIR_VAR, None)
             os.environ.pop(RUN_ID_VAR, None)
+
+
+def choose_run_dir(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any] | None]:
+    """Where the run lives: the dir to resume, the dir rank 0 made (a DDP worker), a named or shared dir
+    (``hydra.run.dir``, a Slurm or torchrun job's), or a new one under ``paths.output_root``.
+
+    Returns:
+        the config with ``paths.run_dir`` and ``run_id`` set (a saved run's config when the dir holds
+        one to continue), and the record of a finished earlier attempt of a shared dir, else None.
+    """
+    shared_name = shared_run_name()
+    named = cfg.paths.get("run_dir")  # hydra.run.dir / hydra.sweep.dir, or paths.run_dir: where the user wants it
+    if cfg.get("resume"):
+        cfg = resumed_config(cfg.resume, command_line_overrides())
+        run_id, run_dir = cfg.run_id, Path(cfg.paths.run_dir)
+    elif not is_rank_zero() and os.environ.get(RUN_DIR_VAR) and not shared_name:
+        # A DDP worker started by Lightning: join the run dir that rank 0 made.
+        run_id, run_dir = os.environ[RUN_ID_VAR], Path(os.environ[RUN_DIR_VAR])
+    elif shared_name or named:
+        run_id, run_dir = _named_run_dir(cfg, shared_name, named)
+        # The dir may hold this run from an earlier attempt (a Slurm requeue, a torchrun restart, the
+        # same command run again): continue it rather than write over it.
+        if (run_dir / "metrics.json").is_file():
+            if not shared_name:
+                raise LmforgeError(
+                    f"{run_dir} holds a finished run already; name another run dir (hydra.run.dir or "
+                    "paths.run_dir), or leave it out for a new dir under paths.output_root."
+                )
+            log.info("run dir: %s finished in an earlier attempt of this job; not training it again", run_dir)
+            return cfg, json.loads((run_dir / "metrics.json").read_text())
+        if resume_checkpoint(run_dir) and (run_dir / "config.yaml").is_file():
+            earlier = (
+                "an earlier attempt of this job started this run"
+                if shared_name
+                else (f"run dir {run_dir} holds an unfinished run of this command")
+            )
+            log.info("%s: resuming it", earlier)
+            cfg = resumed_config(str(run_dir), [])
+            run_id = cfg.run_id
+    else:
+        run_id, run_dir = tracking.make_run_dir(cfg.paths.output_root, cfg.model.name, cfg.task.name)
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(run_dir)
+        cfg.run_id = run_id
+    return cfg, None
+
+
+def _named_run_dir(cfg: DictConfig, shared_name: str | None, named: str | None) -> tuple[str, Path]:
+    """The id and dir of a run whose dir the user named, or that every rank and attempt of a job shares."""
+    digest = tracking.config_digest(cfg)
+    if named:
+        run_dir = Path(named).expanduser().resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return ("-".join(filter(None, (shared_name, digest))) if shared_name else tracking.new_run_id()), run_dir
+    return tracking.make_run_dir(cfg.paths.output_root, cfg.model.name, cfg.task.name, shared_name, digest)
 
 
 def run_stages(cfg: DictConfig, overrides: list[str]) -> list[dict[str, Any]]:
@@ -175,40 +198,46 @@ def resumed_config(resume: str, overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def resume_checkpoint(run_dir: Path) -> Path | None:
-    """The newest state a run dir can resume from: ``checkpoints/last.ckpt``, or the ``hpc_ckpt_<n>.ckpt``
-    that Lightning saves when Slurm sends the USR1 signal of ``sbatch --signal=USR1@90``; None when neither exists."""
-    saved = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
-    return max((p for p in saved if p.is_file()), key=lambda p: p.stat().st_mtime, default=None)
-
-
-def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.Stopwatch) -> dict[str, Any]:
-    resuming = bool(cfg.get("resume"))
-    last_ckpt = run_dir / "checkpoints" / "last.ckpt"
-    start_from = resume_checkpoint(run_dir) if resuming else None
-    log.info("run dir: %s%s", run_dir, f" (resuming from {start_from.relative_to(run_dir)})" if resuming else "")
-    # A resumed run has its weights in last.ckpt already, except the frozen base of adapter methods (LoRA...),
-    # which its checkpoints leave out: init_from and model.pretrained start a new run or bring that base back.
-    load_start = not resuming or build_finetune(cfg).adds_weights
-    init_checkpoint, init_run = init_source(cfg.init_from) if cfg.get("init_from") and load_start else (None, None)
+def _train_in(cfg: DictConfig, run_dir: Path, stopwatch: tracking.Stopwatch) -> dict[str, Any]:
+    """Build, fit and test the run in its dir, and record it."""
+    start_from = resume_checkpoint(run_dir) if cfg.get("resume") else None
+    log.info("run dir: %s%s", run_dir, f" (resuming from {start_from.relative_to(run_dir)})" if start_from else "")
     check_pairing(cfg)  # before W&B starts a run (or the hub a download) for nothing
-    pretrained = resolve_pretrained(cfg.model, cfg.paths.data_dir) if load_start and not init_checkpoint else None
-    with open_dict(cfg):  # the saved config must rebuild the model: the checkpoint fixes its architecture
-        if pretrained is not None:
-            cfg.model.update(pretrained.model_overrides())
-            cfg.model.pretrained = pretrained.source
-        elif cfg.model.get("pretrained") and not resuming:
-            cfg.model.pretrained = None  # auto found no weights: a resumed run must not find some later
-    # Taken now: the code this run imported, not what the tree holds when it ends.
-    git = tracking.git_state()
+    weights = starting_weights(cfg)
+    git = tracking.git_state()  # taken now: the code this run imported, not what the tree holds when it ends
     if is_rank_zero():
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        tracking.save_hydra_files(cfg, run_dir)
-        tracking.save_git_diff(run_dir)
-        if resuming:
-            tracking.keep_csv_history(run_dir / "csv")
+        _save_run_files(cfg, run_dir)
+    saved_config = OmegaConf.to_yaml(cfg)
     loggers = build_loggers(cfg)
-    # W&B takes a few seconds to start: let it do so while the data and the model are built.
+    with _wandb_starting(loggers):  # W&B takes a few seconds to start: overlap it with the build
+        run = build_run(cfg, loggers, weights)
+    if is_rank_zero():
+        save_tokenizer(run.tokenizer, run_dir)
+        if OmegaConf.to_yaml(cfg) != saved_config:  # the build settled something (model.n_positions)
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        _report_start(cfg, run, loggers)
+    outcome = _fit_and_test(cfg, run, start_from, run_dir / "checkpoints" / "last.ckpt")
+    record = _make_record(cfg, run, outcome, stopwatch, git)
+    if run.trainer.is_global_zero:
+        tracking.write_json(run_dir / "metrics.json", record)
+        tracking.append_result(cfg.paths.results_file, record)
+        curves = tracking.plot_curves(tracking.csv_history(run_dir / "csv"), run_dir / "curves.png")
+        _summary(record, run, loggers, curves)
+    return record
+
+
+def _save_run_files(cfg: DictConfig, run_dir: Path) -> None:
+    """What the run dir holds before training: the resolved config, Hydra's files, the uncommitted diff."""
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    tracking.save_hydra_files(cfg, run_dir)
+    tracking.save_git_diff(run_dir)
+    if cfg.get("resume"):
+        tracking.keep_csv_history(run_dir / "csv")
+
+
+@contextmanager
+def _wandb_starting(loggers: list[Any]) -> Iterator[None]:
+    """Start the W&B loggers' runs in threads for the body's duration; a failed body waits for them too."""
     starting = [
         threading.Thread(target=tracking.start_wandb, args=(lg,), daemon=True)
         for lg in loggers
@@ -216,40 +245,28 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
     ]
     for thread in starting:
         thread.start()
-    saved_tokenizer = run_dir if resuming else init_run  # the ids the weights were trained on
-    if saved_tokenizer:
-        tokenizer = load_tokenizer(saved_tokenizer)
-    else:  # a checkpoint's own tokenizer, else the one the config builds
-        tokenizer = pretrained.tokenizer if pretrained is not None else None
-    if pretrained is not None:
-        load_weights = pretrained.load_into
-    elif init_checkpoint is not None:
-        load_weights = lambda task: init_backbone(task.backbone, init_checkpoint)  # noqa: E731
-    else:
-        load_weights = None
-    saved_config = OmegaConf.to_yaml(cfg)
     try:
-        run = build_run(cfg, loggers, tokenizer=tokenizer, load_weights=load_weights)
-        if pretrained is not None:
-            pretrained.check_tokenizer(run.tokenizer)
+        yield
     finally:  # a failed build must not leave W&B starting behind our back
         for thread in starting:
             thread.join()
-    if load_weights is not None and run.task.finetune.adds_weights:
-        # Checkpoints keep the adapters and the head; the frozen base is reloaded from here.
-        run.task.base_weights = {"pretrained": pretrained.source} if pretrained else {"init_from": str(init_checkpoint)}
-        run.task.strict_loading = False
-    if is_rank_zero():
-        save_tokenizer(run.tokenizer, run_dir)
-        if OmegaConf.to_yaml(cfg) != saved_config:  # the build settled something (model.n_positions)
-            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    n_params = sum(p.numel() for p in run.backbone.parameters())
-    trainable = sum(p.numel() for p in run.task.parameters() if p.requires_grad)
-    trainer = run.trainer
-    if is_rank_zero():
-        _report_start(cfg, run, loggers, n_params)
 
-    trainer.fit(run.task, datamodule=run.datamodule, ckpt_path=str(start_from) if resuming else None, weights_only=True)
+
+@dataclass
+class _Outcome:
+    """What fitting and testing gave: the metrics, the best checkpoint, why the run stopped early."""
+
+    metrics: dict[str, float]
+    best_checkpoint: str | None
+    stopped_early: str | None
+
+
+def _fit_and_test(cfg: DictConfig, run: Run, start_from: Path | None, last_ckpt: Path) -> _Outcome:
+    """Fit (from ``start_from`` when resuming), save the final state, then test the best checkpoint."""
+    trainer = run.trainer
+    trainer.fit(
+        run.task, datamodule=run.datamodule, ckpt_path=str(start_from) if start_from else None, weights_only=True
+    )
     trainer.save_checkpoint(last_ckpt)  # the periodic last.ckpt may be older than the final step
     stopped_early = _stopped_early(trainer)
     if stopped_early and is_rank_zero():
@@ -264,46 +281,49 @@ def _train_in(cfg: DictConfig, run_id: str, run_dir: Path, stopwatch: tracking.S
         metrics.update(_float_metrics(test[0] if test else {}))
     if checkpoint is not None and checkpoint.best_model_score is not None:
         metrics[f"best_{checkpoint.monitor}"] = round(float(checkpoint.best_model_score), 6)
+    return _Outcome(metrics, best or None, stopped_early)
 
-    wall = stopwatch.elapsed
-    tokens_per_s = run.throughput.tokens_per_second if run.throughput else None
-    record = {
-        "run_id": run_id,
-        "run_dir": str(run_dir),
+
+def _make_record(
+    cfg: DictConfig, run: Run, outcome: _Outcome, stopwatch: tracking.Stopwatch, git: dict[str, Any]
+) -> dict[str, Any]:
+    """The run's line in the results table and its ``metrics.json``."""
+    trainer, speed = run.trainer, run.throughput
+    tokens_per_s = speed.tokens_per_second if speed else None
+    return {
+        "run_id": cfg.run_id,
+        "run_dir": cfg.paths.run_dir,
         "started_at": stopwatch.started_at,
         "model": cfg.model.name,
         "task": cfg.task.name,
         "tokenizer": cfg.tokenizer.get("name"),
-        "parameters": n_params,
-        "trainable_parameters": trainable,
+        "parameters": _parameters(run.backbone),
+        "trainable_parameters": _parameters(run.task, trainable=True),
         "device": _device_name(trainer),
         "world_size": trainer.world_size,  # processes that trained together (DDP ranks on every node)
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "requeues": slurm_restarts(),  # how often Slurm requeued the job before this run finished
         "steps": trainer.global_step,
-        "stopped_early": stopped_early,  # why early stopping ended the run, else None
-        "metrics": metrics,
-        "wall_time_s": round(wall, 2),
+        "stopped_early": outcome.stopped_early,  # why early stopping ended the run, else None
+        "metrics": outcome.metrics,
+        "wall_time_s": round(stopwatch.elapsed, 2),
         "peak_memory_mb": tracking.peak_memory_mb(),
         # Mean time of a training step (forward, backward, optimizer) in this process, validation excluded.
-        "step_ms": round(1000 * run.throughput.train_seconds / trainer.global_step, 2)
-        if run.throughput and trainer.global_step
+        "step_ms": round(1000 * speed.train_seconds / trainer.global_step, 2)
+        if speed and trainer.global_step
         else None,
         "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
         # Model FLOPs utilisation of the training steps, when the backbone and the device's peak are known.
-        "mfu": round(run.throughput.mfu, 4) if run.throughput and run.throughput.mfu else None,
-        "startup_s": round(run.throughput.startup_seconds, 2)
-        if run.throughput and run.throughput.startup_seconds
-        else None,
-        "best_checkpoint": best or None,
+        "mfu": round(speed.mfu, 4) if speed and speed.mfu else None,
+        "startup_s": round(speed.startup_seconds, 2) if speed and speed.startup_seconds else None,
+        "best_checkpoint": outcome.best_checkpoint,
         **tracking.run_metadata(cfg.seed, command_line_overrides(), git),
     }
-    if trainer.is_global_zero:
-        tracking.write_json(run_dir / "metrics.json", record)
-        tracking.append_result(cfg.paths.results_file, record)
-        curves = tracking.plot_curves(tracking.csv_history(run_dir / "csv"), run_dir / "curves.png")
-        _summary(record, run, loggers, curves)
-    return record
+
+
+def _parameters(module: torch.nn.Module, trainable: bool = False) -> int:
+    """How many parameters a module has (only those that train, with ``trainable``)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
 
 
 def _stopped_early(trainer) -> str | None:
@@ -322,12 +342,17 @@ def _device_name(trainer) -> str:
     return type(trainer.accelerator).__name__.replace("Accelerator", "").lower()
 
 
-def _report_start(cfg: DictConfig, run, loggers: list[Any], n_params: int) -> None:
+def _report_start(cfg: DictConfig, run: Run, loggers: list[Any]) -> None:
     """One console line per choice that matters; hyperparameters to every logger."""
     trainer = run.trainer
     sizes = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in run.datamodule.split_sizes.items())
     device = _device_name(trainer)
-    log.info("model: %s (%s, %s parameters)", cfg.model.name, type(run.backbone).__name__, _fmt_params(n_params))
+    log.info(
+        "model: %s (%s, %s parameters)",
+        cfg.model.name,
+        type(run.backbone).__name__,
+        _fmt_params(_parameters(run.backbone)),
+    )
     log.info("task: %s (%s %s)", cfg.task.name, sizes, getattr(run.datamodule, "size_unit", "examples"))
     log.info("tokenizer: %s (%d tokens)", cfg.tokenizer.get("name", "?"), run.tokenizer.get_vocab_size())
     log.info("finetune: %s, %s", cfg.get("finetune", {}).get("name", "full"), describe_trainable(run.task))
@@ -341,7 +366,7 @@ def _report_start(cfg: DictConfig, run, loggers: list[Any], n_params: int) -> No
             log.info("tracking: %s -> %s", type(logger).__name__.replace("Logger", ""), logger.log_dir)
 
 
-def _summary(record: dict[str, Any], run, loggers: list[Any], curves: Path | None) -> None:
+def _summary(record: dict[str, Any], run: Run, loggers: list[Any], curves: Path | None) -> None:
     shown = {k: v for k, v in record["metrics"].items() if k.startswith(("val/", "test/", "best_"))}
     mfu = f", MFU {record['mfu']:.1%}" if record.get("mfu") else ""
     log.info("done in %.1f s (%s steps, %s tokens/s%s, peak memory %s MB)", record["wall_time_s"], record["steps"],

@@ -1,11 +1,10 @@
-"""The one place that turns a composed config into objects."""
+"""The parts of a run from their config groups: backbone, fine-tuning method, tokenizer and data, task,
+loggers and callbacks."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -15,25 +14,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tokenizers import Tokenizer
 from torch import nn
 
-from lmforge.callbacks import TokenThroughput
 from lmforge.data.tokenizers import build_tokenizer, with_end_of_sequence
-from lmforge.errors import LmforgeError, sentence
+from lmforge.errors import LmforgeError
 from lmforge.finetune import FinetuneMethod, Full
-from lmforge.models.layers import enable_activation_checkpointing
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Run:
-    """Everything a training run is made of, built from one config."""
-
-    tokenizer: Tokenizer
-    datamodule: pl.LightningDataModule
-    backbone: nn.Module
-    task: pl.LightningModule
-    trainer: pl.Trainer
-    throughput: TokenThroughput | None
 
 
 def _without(node: DictConfig, *keys: str) -> DictConfig:
@@ -203,73 +188,3 @@ def model_kinds() -> dict[str, str | None]:
             if target:
                 kinds[path.stem] = getattr(get_class(target), "kind", None)
     return dict(sorted(kinds.items()))
-
-
-def resolve_deterministic(value: Any, accelerator: Any) -> bool | str | None:
-    """Lightning's ``deterministic=`` for ``trainer.deterministic``: ``auto`` is ``"warn"`` when the run
-    trains on the CPU (bitwise-repeatable at no cost there) and ``False`` on an accelerator (where
-    deterministic kernels are slower); any other value is passed on as it is."""
-    if value != "auto":
-        return value
-    if accelerator == "auto":
-        import torch
-
-        mps = getattr(torch.backends, "mps", None)
-        on_cpu = not torch.cuda.is_available() and not (mps is not None and mps.is_available())
-    else:
-        on_cpu = accelerator == "cpu"
-    return "warn" if on_cpu else False
-
-
-def build_run(
-    cfg: DictConfig,
-    loggers: list[Any] | None = None,
-    tokenizer: Tokenizer | None = None,
-    load_weights: Callable[[pl.LightningModule], str] | None = None,
-) -> Run:
-    """Build tokenizer, data, backbone, task and trainer from a composed config.
-
-    Args:
-        cfg: the composed ``train.yaml`` with ``paths.run_dir`` set.
-        loggers: already built loggers (the CLI builds them first to report where they write);
-            None builds them from the config.
-        tokenizer: a run's saved tokenizer (resume) or a checkpoint's; None builds one from the config.
-        load_weights: copies starting weights (a public checkpoint, another run's) into the built
-            task and returns a line saying what it loaded.
-    """
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    tokenizer, datamodule = build_data(cfg, tokenizer)
-    if load_weights is None and not cfg.get("resume"):
-        fit_context_to_data(cfg, datamodule)
-    backbone = build_backbone(cfg.model, tokenizer.get_vocab_size())
-    task = build_task(cfg, backbone, tokenizer, datamodule)
-    if load_weights is not None:
-        log.info(load_weights(task))
-    method = build_finetune(cfg)
-    method.apply(backbone, cfg.model.get("targets"), cfg.model.name)
-    task.finetune = method
-    if cfg.get("activation_checkpointing") and not enable_activation_checkpointing(backbone):
-        raise LmforgeError(
-            f"activation_checkpointing=true needs a transformer backbone; {cfg.model.name} has no blocks to checkpoint."
-        )
-    if cfg.get("compile"):
-        if cfg.task.module.get("loss_chunk_size"):
-            raise LmforgeError(
-                "task.module.loss_chunk_size cannot be used with compile=true: the chunked loss runs the blocks "
-                "outside the backbone's compiled forward."
-            )
-        backbone.compile()  # in place: parameter names (and checkpoints) stay the same
-    callbacks = [*build_callbacks(cfg), *method.callbacks()]
-    try:
-        trainer = instantiate(
-            cfg.trainer,
-            logger=loggers if loggers is not None else build_loggers(cfg),
-            callbacks=callbacks,
-            deterministic=resolve_deterministic(
-                cfg.trainer.get("deterministic"), cfg.trainer.get("accelerator", "auto")
-            ),
-        )
-    except InstantiationException as err:  # a value Lightning refuses (trainer.precision=bogus, no GPU)
-        raise LmforgeError(sentence(f"The trainer cannot be built from trainer.*: {err.__cause__}")) from err
-    throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
-    return Run(tokenizer, datamodule, backbone, task, trainer, throughput)

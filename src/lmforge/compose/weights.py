@@ -1,23 +1,106 @@
-"""Reopen a finished (or killed) run directory: its config, tokenizer and checkpoint weights."""
+"""Where a run's weights come from: a public checkpoint (``model.pretrained``), another run (``init_from``),
+its own checkpoints (resume, and reopening a finished run), and so which tokenizer it must use."""
 
 from __future__ import annotations
 
-import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tokenizers import Tokenizer
 from torch import nn
 
-from lmforge.compose import build_backbone, build_finetune
+from lmforge.compose.parts import build_backbone, build_finetune
 from lmforge.data.tokenizers import load_tokenizer
 from lmforge.errors import LmforgeError
+from lmforge.finetune import FinetuneMethod
+from lmforge.pretrained_weights import PretrainedWeights, resolve_pretrained
+from lmforge.rundirs.checkpoints import (
+    backbone_state_dict,
+    find_checkpoint,
+    group_names,
+    init_source,
+    load_checkpoint,
+)
 
-# Prefixes that wrappers add to parameter names: the task's attribute, torch.compile, DDP.
-_PREFIXES = ("backbone.", "_orig_mod.", "module.")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StartingWeights:
+    """What a run starts from, as :func:`starting_weights` decided: a public checkpoint, another run's
+    checkpoint, or neither (from scratch, or a resumed run whose weights are in its own checkpoints).
+
+    Args:
+        pretrained: the public checkpoint read for ``model.pretrained``.
+        init_checkpoint: the checkpoint ``init_from`` names.
+        init_run: the run dir that checkpoint belongs to (its tokenizer), when it is in one.
+    """
+
+    pretrained: PretrainedWeights | None = None
+    init_checkpoint: Path | None = None
+    init_run: Path | None = None
+
+    @property
+    def loads(self) -> bool:
+        """Whether weights are copied into the built task."""
+        return self.pretrained is not None or self.init_checkpoint is not None
+
+    def tokenizer(self, cfg: DictConfig) -> Tokenizer | None:
+        """The tokenizer whose ids the weights were trained on; None lets the config build one."""
+        if cfg.get("resume"):
+            return load_tokenizer(cfg.paths.run_dir)
+        if self.init_run is not None:
+            return load_tokenizer(self.init_run)
+        return self.pretrained.tokenizer if self.pretrained is not None else None
+
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Fail in one sentence when the tokenizer has ids the public checkpoint's embeddings do not cover."""
+        if self.pretrained is not None:
+            self.pretrained.check_tokenizer(tokenizer)
+
+    def load_into(self, task: pl.LightningModule, method: FinetuneMethod) -> None:
+        """Copy the starting weights into a built task (before ``method`` adds its weights) and log what was loaded.
+
+        An adapter method's checkpoints keep the adapters and the head only: the task records where its
+        frozen base comes from, so that a resume or a reopening loads that base again.
+        """
+        if self.pretrained is not None:
+            log.info(self.pretrained.load_into(task))
+            base = {"pretrained": self.pretrained.source}
+        elif self.init_checkpoint is not None:
+            log.info(init_backbone(task.backbone, self.init_checkpoint))
+            base = {"init_from": str(self.init_checkpoint)}
+        else:
+            return
+        if method.adds_weights:
+            task.base_weights = base
+            task.strict_loading = False
+
+
+def starting_weights(cfg: DictConfig) -> StartingWeights:
+    """Decide what a run starts from, and pin ``cfg.model`` to it so that the saved config rebuilds the model.
+
+    ``init_from`` wins over ``model.pretrained``. A resumed run has its weights in its last checkpoint,
+    except the frozen base of adapter methods (LoRA...), which its checkpoints leave out: only then are the
+    starting weights read again.
+    """
+    resuming = bool(cfg.get("resume"))
+    if resuming and not build_finetune(cfg).adds_weights:
+        return StartingWeights()
+    init_checkpoint, init_run = init_source(cfg.init_from) if cfg.get("init_from") else (None, None)
+    pretrained = None if init_checkpoint else resolve_pretrained(cfg.model, cfg.paths.data_dir)
+    with open_dict(cfg):
+        if pretrained is not None:  # the checkpoint fixes the architecture
+            cfg.model.update(pretrained.model_overrides())
+            cfg.model.pretrained = pretrained.source
+        elif cfg.model.get("pretrained") and not resuming:
+            cfg.model.pretrained = None  # auto found no weights: a resumed run must not find some later
+    return StartingWeights(pretrained, init_checkpoint, init_run)
 
 
 @dataclass
@@ -30,47 +113,6 @@ class SavedRun:
     backbone: nn.Module
     checkpoint: Path
     saved: dict[str, Any]  # the checkpoint as read (task weights, data facts, base), so it is read once
-
-
-def find_checkpoint(run_dir: Path, which: str = "best") -> Path:
-    """``best`` (by validation loss, else last), ``last``, or a path to a ``.ckpt`` file."""
-    ckpt_dir = run_dir / "checkpoints"
-    if which == "last":
-        path = ckpt_dir / "last.ckpt"
-    elif which == "best":
-        metrics = run_dir / "metrics.json"
-        recorded = json.loads(metrics.read_text()).get("best_checkpoint") if metrics.is_file() else None
-        candidates = [Path(recorded)] if recorded else sorted(ckpt_dir.glob("step*.ckpt"))
-        path = next((p for p in candidates if p.is_file()), ckpt_dir / "last.ckpt")
-    else:
-        path = Path(which).expanduser()
-    if not path.is_file():
-        raise LmforgeError(
-            f"No checkpoint at {path}; the run in {run_dir} has not saved one (checkpoint=best|last|<path>)."
-        )
-    return path
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``; a damaged file is one clear error."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for truncated or foreign files
-        raise LmforgeError(
-            f"Checkpoint {path} cannot be read ({type(err).__name__}); it is corrupt or not an lmforge checkpoint."
-        ) from err
-
-
-def backbone_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The backbone's weights from a Lightning checkpoint, wrapper prefixes removed."""
-    state = {}
-    for name, tensor in checkpoint.get("state_dict", checkpoint).items():
-        if not name.startswith("backbone."):
-            continue
-        while name.startswith(_PREFIXES):
-            name = name.split(".", 1)[1]
-        state[name] = tensor
-    return state
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best") -> SavedRun:
@@ -122,42 +164,6 @@ def load_base_weights(backbone: nn.Module, base: dict[str, str]) -> None:
         saved = load_checkpoint(path)
         state = _merged_adapter_backbone(path) if saved.get("base") else backbone_state_dict(saved)
     backbone.load_state_dict(state, strict=False)
-
-
-def load_task_state(task: nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Load a checkpoint's task weights (backbone and head); the frozen base of an adapter run is already loaded."""
-    missing, unexpected = task.load_state_dict(checkpoint["state_dict"], strict=False)
-    if checkpoint.get("base"):
-        missing = [name for name in missing if not name.startswith("backbone.")]
-    if missing or unexpected:
-        raise LmforgeError(
-            f"The checkpoint does not fit the run's task (missing {len(missing)}, unexpected {len(unexpected)} tensors)."
-        )
-
-
-def init_source(spec: str) -> tuple[Path, Path | None]:
-    """Where ``init_from=`` points: (checkpoint, its run dir or None).
-
-    A run dir gives its best checkpoint; a ``.ckpt`` file inside a run dir gives that run dir too.
-    """
-    path = Path(spec).expanduser().resolve()
-    if path.is_dir():
-        if not (path / "config.yaml").is_file():
-            raise LmforgeError(f"init_from={spec} is not a run directory (no config.yaml in it).")
-        return find_checkpoint(path, "best"), path
-    if path.is_file():
-        run_dir = path.parent.parent
-        return path, run_dir if (run_dir / "tokenizer.json").is_file() else None
-    raise LmforgeError(f"init_from={spec}: no such run directory or checkpoint file.")
-
-
-def group_names(names: list[str]) -> str:
-    """Parameter names summarised by their first two components, e.g. ``encoder.layer (24)``."""
-    counts: dict[str, int] = {}
-    for name in names:
-        key = ".".join(name.split(".")[:2])
-        counts[key] = counts.get(key, 0) + 1
-    return ", ".join(f"{k} ({n})" if n > 1 else k for k, n in counts.items()) or "none"
 
 
 def init_backbone(backbone: nn.Module, checkpoint: Path) -> str:
