@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from lmforge.cli import CONF_DIR
+from lmforge.config_dirs import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = os.environ.get("LMFORGE_DATA")

@@ -125,7 +125,7 @@ def test_checkpointed_lora_trains_its_adapters_as_without():
     """Frozen embeddings feed the first checkpointed block an input that needs no gradient."""
     from omegaconf import OmegaConf
 
-    from lmforge.cli import CONF_DIR
+    from lmforge.config_dirs import CONF_DIR
     from lmforge.finetune import LoRA
 
     targets = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "gpt2.yaml").targets)

@@ -12,10 +12,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import REPO, requires_data
-from lmforge.benchmark import SUITE_FILE, Suite, SuiteRun, load_suite, read_records, run_overrides, selected_runs
-from lmforge.cli import CONF_DIR, check_group_choices, quote_override_lists
+from lmforge.benchmark import Suite, SuiteRun, load_suite, run_overrides, selected_runs
+from lmforge.config_dirs import CONF_DIR
 from lmforge.errors import LmforgeError
-from lmforge.report import read_suite, summary_table, update_markdown, write_report
+from lmforge.overrides import check_group_choices, quote_override_lists
+from lmforge.report import SUITE_FILE, read_records, read_suite, summary_table, update_markdown, write_report
 
 SUITES = sorted(p.stem for p in (CONF_DIR / "suite").glob("*.yaml"))
 

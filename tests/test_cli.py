@@ -3,8 +3,9 @@
 import pytest
 
 from conftest import DATA_DIR, requires_data, run_cli
-from lmforge.cli import check_group_choices, config_choices
+from lmforge.config_dirs import config_choices
 from lmforge.errors import LmforgeError
+from lmforge.overrides import check_group_choices
 
 
 def test_unknown_group_choice_lists_the_names_that_exist():

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import SimulatedCrash, requires_data
-from lmforge.cli import CONF_DIR
+from lmforge.config_dirs import CONF_DIR
 from lmforge.errors import LmforgeError
 from lmforge.finetune import IA3, AdaLoRA, Adapter, Freeze, LoRA, Prefix, Prompt
 from lmforge.models.bert import Bert

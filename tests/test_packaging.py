@@ -4,8 +4,8 @@ import pytest
 import tomllib
 
 from conftest import REPO, run_cli
-from lmforge.cli import check_group_choices
 from lmforge.errors import LmforgeError
+from lmforge.overrides import check_group_choices
 
 MY_GPT = "defaults:\n  - gpt2-tiny\n  - _self_\nname: my-gpt\nn_layer: 1\nn_embd: 32\n"
 

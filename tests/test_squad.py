@@ -327,8 +327,8 @@ def test_a_tiny_run_learns(qa_run):
 @requires_data
 @pytest.mark.slow
 def test_predict_answers_from_the_context(qa_run, capsys, tmp_path):
-    from lmforge.cli import quote_free_text
     from lmforge.inference import predict_from_run
+    from lmforge.overrides import quote_free_text
 
     # As the command line passes them: the paragraph's parentheses and commas are text, not Hydra syntax.
     args = quote_free_text([f"run={qa_run['run_dir']}", "question=Which team won Super Bowl 50?", f"context={CONTEXT}"])

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import REPO, run_cli
-from lmforge.cli import CONF_DIR, config_choices
+from lmforge.config_dirs import CONF_DIR, config_choices
 from lmforge.sweeps import SWEEP_JOB_VAR, preset_yaml, search_base, single_job_argv, summary_table
 from lmforge.wandb_sweep import COMMAND, wandb_parameter, wandb_sweep_config
 

@@ -155,7 +155,7 @@ def test_learns_a_copy_task():
 def test_configs(name, shape):
     from hydra import compose, initialize_config_dir
 
-    from lmforge.cli import CONF_DIR
+    from lmforge.config_dirs import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"model={name}"])

@@ -9,7 +9,7 @@ import pytest
 from hydra.utils import instantiate
 
 from conftest import TINY, make_cfg, run_cli
-from lmforge.cli import CONF_DIR
+from lmforge.config_dirs import CONF_DIR
 from lmforge.data.sources import TextCorpus
 from lmforge.data.tokenizers import char_tokenizer, encode_text, load_tokenizer
 from lmforge.errors import LmforgeError

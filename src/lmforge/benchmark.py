@@ -41,12 +41,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lmforge.errors import LmforgeError
+from lmforge.report import RESULTS_FILE, SUITE_FILE, read_records, write_report
 from lmforge.tracking import append_result, csv_history, logged_values
 
 log = logging.getLogger("lmforge")
 
-RESULTS_FILE = "results.jsonl"
-SUITE_FILE = "suite.json"
 _RUN_REFERENCE = re.compile(r"\{run:([^}]+)\}")
 
 
@@ -173,14 +172,6 @@ def selected_runs(suite: Suite, only: list[str] | None) -> list[SuiteRun]:
     return [r for r in suite.runs if r.name in wanted]
 
 
-def read_records(out: Path) -> list[dict[str, Any]]:
-    """The records of ``<out>/results.jsonl``, oldest first (a later record of the same run and seed wins)."""
-    path = out / RESULTS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def run_overrides(run: SuiteRun, seed: int, run_dirs: dict[str, str]) -> list[str]:
     """A run's overrides at one seed, ``{run:<name>}`` replaced by that run's dir."""
     return [_RUN_REFERENCE.sub(lambda m: run_dirs[m.group(1)], o) for o in run.overrides] + [f"seed={seed}"]
@@ -200,7 +191,6 @@ def run_suite(cfg: DictConfig) -> Path:
         LmforgeError: when a run fails (after the other runs have been tried and the report written).
     """
     from lmforge.console import setup_console
-    from lmforge.report import write_report
 
     setup_console()
     suite = load_suite(cfg.suite)

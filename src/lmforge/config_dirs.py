@@ -67,3 +67,25 @@ def use_user_config_dirs() -> None:
 
     if not any(c.__name__ == "LmforgeUserConfigs" for c in Plugins.instance().discover(SearchPathPlugin)):
         Plugins.instance().register(LmforgeUserConfigs)
+
+
+def config_choices(group: str, conf_dir: Path | None = None) -> list[str]:
+    """The names a user can give a config group (file names in ``<config dir>/<group>/`` without ``.yaml``,
+    lmforge's and the user's; for ``hydra/...`` groups also those of Hydra and its installed plugins,
+    such as ``hydra/launcher=joblib``)."""
+    names = option_names(group, [conf_dir] if conf_dir else None)
+    if group.startswith("hydra/"):
+        names.update(registered_choices(group))
+    return sorted(names)
+
+
+def registered_choices(group: str) -> list[str]:
+    """Config names that Hydra and its plugins register in code (ConfigStore) for ``group``."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # imports the installed hydra_plugins.*, which register their configs
+    node = ConfigStore.instance().repo
+    for part in group.split("/"):
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return [name.removesuffix(".yaml") for name in node if name.endswith(".yaml")]

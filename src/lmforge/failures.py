@@ -4,12 +4,14 @@ becomes one sentence that names the config key or group it came from."""
 
 from __future__ import annotations
 
+import difflib
 import traceback
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 
 from lmforge.errors import sentence
+from lmforge.overrides import value_override_keys
 
 # Where a frame's file lies -> the config group that sets up that code; the first match counts.
 AREAS = (
@@ -97,3 +99,44 @@ def _group_of_frames(err: BaseException) -> str | None:
             match = next((name for fragment, name in AREAS if fragment in path), None)
             group = match or group
     return group
+
+
+def hydra_error_sentence(err: BaseException) -> str:
+    """One sentence for an error that Hydra or OmegaConf raises about the command line or the config
+    (a typo'd key, override syntax, a failed interpolation), instead of their several lines."""
+    from hydra.errors import OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    cause = err.__cause__ if err.__cause__ is not None else err
+    parent = getattr(cause, "parent_node", None)
+    if isinstance(err, OverrideParseException):
+        lines = str(err).splitlines()
+        return sentence(f"Cannot parse an override ({lines[0]}); {lines[-1][0].lower()}{lines[-1][1:]}")
+    if (
+        isinstance(cause, (ConfigKeyError, ConfigAttributeError))
+        and cause.full_key
+        and parent is not None
+        and hasattr(parent, "keys")
+    ):
+        key = str(cause.key)
+        prefix = cause.full_key[: -len(key)]
+        close = difflib.get_close_matches(key, [str(k) for k in parent], n=1)
+        where = f"those of {prefix[:-1]}" if prefix else "the top-level keys"
+        hint = f"did you mean {prefix}{close[0]}?" if close else f"{where} are: {', '.join(map(str, parent))}"
+        return f"{cause.full_key} is not a config key ({hint}); +{cause.full_key}=<value> adds a new one."
+    if isinstance(err, OmegaConfBaseException) and err.full_key and err.full_key not in str(err):
+        return sentence(f"{err.full_key}: {str(err).splitlines()[0]}")
+    noise = ("See https://hydra.cc", "full_key:", "object_type", "Set the environment variable", "To append to")
+    lines = [line.strip() for line in str(err).splitlines()]
+    if isinstance(err.__cause__, OmegaConfBaseException):
+        lines += str(err.__cause__).splitlines()[:1]
+    return sentence("; ".join(line.rstrip(".") for line in lines if line and not line.startswith(noise)))
+
+
+def job_failure_sentence(err: BaseException, cfg: Any) -> str:
+    """:func:`failure_sentence` for an error of the current Hydra job, with its value overrides as suspects."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    keys = set(value_override_keys(overrides))
+    return failure_sentence(err, cfg, [o for o in overrides if o.partition("=")[0].lstrip("+~") in keys])

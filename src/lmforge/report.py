@@ -15,12 +15,21 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from lmforge.benchmark import SUITE_FILE, read_records
 from lmforge.errors import LmforgeError
 
 REPORT_FILE = "report.md"
+RESULTS_FILE = "results.jsonl"  # one record per (run, seed), appended as runs finish
+SUITE_FILE = "suite.json"  # the suite as it was declared
 CURVES_PNG = "curves.png"
 TIME_PNG = "metric_vs_time.png"
+
+
+def read_records(out: Path) -> list[dict[str, Any]]:
+    """The records of ``<out>/results.jsonl``, oldest first (a later record of the same run and seed wins)."""
+    path = out / RESULTS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def read_suite(out: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -292,8 +292,7 @@ class OptunaStudy(Callback):
 
 def hparams_search_file(name: str, conf_dir: Path | None = None) -> Path:
     """The file of ``hparams_search=<name>``; one sentence naming the choices when there is none."""
-    from lmforge.cli import config_choices
-    from lmforge.config_dirs import CONF_DIR
+    from lmforge.config_dirs import CONF_DIR, config_choices
     from lmforge.errors import LmforgeError
 
     conf_dir = conf_dir or CONF_DIR

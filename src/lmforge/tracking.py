@@ -170,6 +170,21 @@ def wandb_logger(
     return logger
 
 
+def prestart_wandb_service() -> None:
+    """Start W&B's background service while Lightning imports (it mostly waits on a subprocess)."""
+    import threading
+
+    def setup() -> None:
+        try:
+            import wandb
+
+            wandb.setup()
+        except Exception:  # the run itself reports W&B problems; this is only a head start
+            pass
+
+    threading.Thread(target=setup, daemon=True).start()
+
+
 def start_wandb(logger) -> None:
     """Start the W&B run now; if an online start fails (no network, bad key), switch it to offline.
 
