@@ -8,8 +8,8 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from conftest import DATA_DIR, REPO, requires_data
-from lmforge.cli import CONF_DIR
-from lmforge.compose import check_pairing, model_kinds
+from lmforge.compose.parts import check_pairing, model_kinds
+from lmforge.config_dirs import CONF_DIR
 from lmforge.errors import LmforgeError
 from lmforge.training import run_training
 
@@ -36,8 +36,8 @@ def test_every_pair_composes_or_is_refused_in_one_sentence_naming_the_models_tha
     for (_, task), message in refused.items():
         able = [m for m in MODELS if (m, task) not in refused]
         assert "\n" not in message and message.endswith(f"models that can: {', '.join(able)}."), message
-    # README's examples of refused pairs are refused.
-    readme = (REPO / "README.md").read_text()
+    # The docs' examples of refused pairs are refused.
+    readme = (REPO / "docs" / "tasks-and-data.md").read_text()
     examples = re.findall(r"`model=([\w-]+) task=([\w-]+)`", readme.split("A task that cannot")[1][:300])
     assert examples and all(pair in refused for pair in examples), examples
 
