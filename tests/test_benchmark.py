@@ -12,11 +12,18 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import REPO, requires_data
-from lmforge.benchmark import Suite, SuiteRun, load_suite, run_overrides, selected_runs
 from lmforge.config_dirs import CONF_DIR
 from lmforge.errors import LmforgeError
+from lmforge.experiments.benchmark import Suite, SuiteRun, load_suite, run_overrides, selected_runs
+from lmforge.experiments.report import (
+    SUITE_FILE,
+    read_records,
+    read_suite,
+    summary_table,
+    update_markdown,
+    write_report,
+)
 from lmforge.overrides import check_group_choices, quote_override_lists
-from lmforge.report import SUITE_FILE, read_records, read_suite, summary_table, update_markdown, write_report
 
 SUITES = sorted(p.stem for p in (CONF_DIR / "suite").glob("*.yaml"))
 
@@ -199,7 +206,7 @@ def test_extra_overrides_reach_hydra_as_quoted_list_items():
 
 
 def test_a_bad_seed_list_is_one_sentence():
-    from lmforge.benchmark import _as_list
+    from lmforge.experiments.benchmark import _as_list
 
     assert _as_list(3, int, "seeds", "integers") == [3] and _as_list(None, int, "seeds", "integers") == []
     assert _as_list(OmegaConf.create(["a-*", "b"]), str, "only", "run names") == ["a-*", "b"]

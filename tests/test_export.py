@@ -15,7 +15,7 @@ from conftest import TINY, requires_data
 from lmforge.compose.parts import make_task
 from lmforge.compose.weights import load_run
 from lmforge.errors import LmforgeError
-from lmforge.export import export_run
+from lmforge.hub.export import export_run
 from lmforge.rundirs.checkpoints import load_task_state
 from lmforge.training import run_training
 

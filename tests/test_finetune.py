@@ -138,7 +138,7 @@ def test_lora_run_generates_evaluates_and_exports_merged(cfg_factory, gpt2_folde
     transformers = pytest.importorskip("transformers")
     from conftest import entry_cfg
     from lmforge.compose.weights import load_run
-    from lmforge.export import export_run
+    from lmforge.hub.export import export_run
     from lmforge.inference import evaluate_run
 
     record = run_training(cfg_factory(lora_run(gpt2_folder, "optimizer.lr=1e-2")))

@@ -17,8 +17,8 @@ from conftest import DATA_DIR, requires_data
 from lmforge.compose.parts import build_backbone
 from lmforge.data.tokenizers import gpt2_tokenizer, wordpiece_tokenizer
 from lmforge.errors import LmforgeError
+from lmforge.hub.pretrained import resolve_pretrained
 from lmforge.models.pretrained import FAMILIES, backbone_kwargs, field_rule, import_state
-from lmforge.pretrained_weights import resolve_pretrained
 from lmforge.tasks.masked_lm import MaskedLMHead
 
 transformers = pytest.importorskip("transformers")
@@ -180,7 +180,7 @@ def test_a_hub_id_fetches_config_one_weights_format_and_tokenizer(cfg_factory, t
     """Online, model.pretrained=<hub id> asks the hub for config, safetensors (not also .bin) and tokenizer files."""
     import huggingface_hub
 
-    import lmforge.pretrained_weights as pw
+    import lmforge.hub.pretrained as pw
 
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=50257)
     folder = saved(transformers.GPT2LMHeadModel(config), tmp_path / "snapshot")

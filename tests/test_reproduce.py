@@ -14,7 +14,7 @@ from conftest import TINY, entry_cfg, make_cfg
 from lmforge import tracking
 from lmforge.compose.run import resolve_deterministic
 from lmforge.errors import LmforgeError
-from lmforge.reproduce import check_options, compare_metrics, format_table, reproduce_run
+from lmforge.experiments.reproduce import check_options, compare_metrics, format_table, reproduce_run
 from lmforge.training import run_training
 
 

@@ -362,7 +362,7 @@ def test_export_loads_as_bert_for_question_answering(qa_run, tmp_path):
     transformers = pytest.importorskip("transformers")
     from test_export import task_of
 
-    from lmforge.export import export_run
+    from lmforge.hub.export import export_run
 
     out = export_run(qa_run["run_dir"], tmp_path / "hf")
     model = transformers.AutoModelForQuestionAnswering.from_pretrained(out).eval()
@@ -389,7 +389,7 @@ def test_a_head_of_another_kind_is_not_loaded_even_when_its_shape_fits(cfg_facto
     from test_pretrained import saved
 
     from lmforge.compose.parts import build_backbone
-    from lmforge.pretrained_weights import resolve_pretrained
+    from lmforge.hub.pretrained import resolve_pretrained
 
     config = transformers.BertConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=32,
                                      intermediate_size=64, vocab_size=30522, num_labels=2)  # fmt: skip

@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, run_cli
 from lmforge.config_dirs import CONF_DIR, config_choices
-from lmforge.sweeps import SWEEP_JOB_VAR, preset_yaml, search_base, single_job_argv, summary_table
-from lmforge.wandb_sweep import COMMAND, wandb_parameter, wandb_sweep_config
+from lmforge.experiments.sweeps import SWEEP_JOB_VAR, preset_yaml, search_base, single_job_argv, summary_table
+from lmforge.experiments.wandb_sweep import COMMAND, wandb_parameter, wandb_sweep_config
 
 # A few steps of a 1-layer char GPT: enough to validate once and be scored.
 TINY_SWEEP = ["experiment=shakespeare-char", "logger=none", "trainer.max_steps=2", "trainer.val_check_interval=2",

@@ -13,7 +13,7 @@ from lmforge.config_dirs import CONF_DIR
 from lmforge.data.sources import TextCorpus
 from lmforge.data.tokenizers import char_tokenizer, encode_text, load_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.tracking import make_run_dir
+from lmforge.rundirs.new import make_run_dir
 from lmforge.training import run_training
 
 RESULT_FIELDS = {

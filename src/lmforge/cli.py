@@ -33,16 +33,19 @@ def train() -> None:
     """
 
     def run(cfg):
-        from lmforge import sweeps, tracking
+        from lmforge import tracking
+        from lmforge.experiments import sweeps
+        from lmforge.rundirs.new import hydra_output_dir
 
         sweeps.start_job(cfg)
-        named = tracking.hydra_output_dir()
+        named = hydra_output_dir()
         if named is not None and not cfg.paths.get("run_dir"):  # hydra.run.dir (or hydra.sweep.dir) is the run dir
             cfg.paths.run_dir = str(named)
         if "wandb" in (cfg.get("logger") or {}):
             tracking.prestart_wandb_service()
         # Heavy imports only after the config is known to be valid.
-        from lmforge.training import command_line_overrides, run_stages, run_training
+        from lmforge.rundirs.choose import command_line_overrides
+        from lmforge.training import run_stages, run_training
 
         if cfg.get("stages"):
             records = run_stages(cfg, command_line_overrides())
@@ -61,7 +64,7 @@ def prepare() -> None:
     sizes. A later ``train.py`` with the same overrides starts from them at once.
     """
 
-    _run_command("train", "lmforge.prepare:prepare_data")
+    _run_command("train", "lmforge.data.prepare:prepare_data")
 
 
 def generate() -> None:
@@ -107,7 +110,7 @@ def export() -> None:
     """
 
     def run(cfg):
-        from lmforge.export import export_run
+        from lmforge.hub.export import export_run
 
         export_run(cfg.run, cfg.out, cfg.checkpoint)
 
@@ -123,14 +126,14 @@ def reproduce() -> None:
     Options: tolerance=<largest absolute difference> (default 0 on the CPU), device=cpu|gpu,
     paths.output_root, data_dir; nothing else can change. See conf/reproduce.yaml.
     """
-    from lmforge.reproduce import check_options
+    from lmforge.experiments.reproduce import check_options
 
     try:
         check_options(sys.argv[1:])
     except LmforgeError as err:
         fail(err)
 
-    _run_command("reproduce", "lmforge.reproduce:reproduce_run")
+    _run_command("reproduce", "lmforge.experiments.reproduce:reproduce_run")
 
 
 def benchmark() -> None:
@@ -143,7 +146,7 @@ def benchmark() -> None:
     """
 
     sys.argv[1:] = quote_override_lists(sys.argv[1:])
-    _run_command("benchmark", "lmforge.benchmark:run_suite")
+    _run_command("benchmark", "lmforge.experiments.benchmark:run_suite")
 
 
 def report(argv: list[str] | None = None) -> None:
@@ -155,7 +158,7 @@ def report(argv: list[str] | None = None) -> None:
     parser.add_argument("--results-md", help="a markdown file whose section of each suite is rewritten")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        from lmforge.report import render
+        from lmforge.experiments.report import render
 
         for path in render(args.folders, args.results_md):
             print(path)
@@ -181,7 +184,7 @@ def sweep(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        from lmforge.wandb_sweep import write_wandb_sweep
+        from lmforge.experiments.wandb_sweep import write_wandb_sweep
 
         write_wandb_sweep(args.name, args.method, args.out)
     except LmforgeError as err:

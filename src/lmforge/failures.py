@@ -24,7 +24,7 @@ AREAS = (
     ("lmforge/data/", "task.data or task.source"),
     ("torch/utils/data/", "task.data"),
     ("lmforge/generation", "the generation settings"),
-    ("lmforge/export", "the export settings"),
+    ("lmforge/hub/export", "the export settings"),
     ("lmforge/finetune", "finetune"),
     ("peft/", "finetune"),
     ("pytorch_lightning/callbacks/", "callbacks"),

@@ -50,7 +50,7 @@ def hydra_main(task_function: Callable[[Any], Any], config_name: str) -> None:
     import hydra
 
     from lmforge.distributed import COMMAND_VAR
-    from lmforge.sweeps import single_job_argv
+    from lmforge.experiments.sweeps import single_job_argv
 
     command = os.environ.get(COMMAND_VAR) or shlex.join(sys.argv)  # set: a DDP rank or job of this command
     sys.argv = single_job_argv(sys.argv)  # a DDP rank > 0 of a sweep job runs that job alone

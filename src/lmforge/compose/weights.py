@@ -18,7 +18,7 @@ from lmforge.compose.parts import build_backbone, build_finetune
 from lmforge.data.tokenizers import load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.finetune import FinetuneMethod
-from lmforge.pretrained_weights import PretrainedWeights, resolve_pretrained
+from lmforge.hub.pretrained import PretrainedWeights, resolve_pretrained
 from lmforge.rundirs.checkpoints import (
     backbone_state_dict,
     find_checkpoint,

@@ -20,7 +20,7 @@ import numpy as np
 from lmforge.data.streaming import StreamedText
 from lmforge.data.text_splits import ArrowText, FilePiece, FileText, TextSplit
 from lmforge.errors import LmforgeError
-from lmforge.hub import hub_reachable
+from lmforge.hub.network import hub_reachable
 
 log = logging.getLogger(__name__)
 

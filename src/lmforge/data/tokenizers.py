@@ -22,7 +22,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from lmforge.data.text_splits import TextSplit, as_text_split, line_chunks, sample_chunks
 from lmforge.errors import LmforgeError
-from lmforge.hub import hub_reachable
+from lmforge.hub.network import hub_reachable
 
 log = logging.getLogger(__name__)
 

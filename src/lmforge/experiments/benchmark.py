@@ -41,7 +41,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lmforge.errors import LmforgeError
-from lmforge.report import RESULTS_FILE, SUITE_FILE, read_records, write_report
+from lmforge.experiments.report import RESULTS_FILE, SUITE_FILE, read_records, write_report
 from lmforge.tracking import append_result, csv_history, logged_values
 
 log = logging.getLogger("lmforge")

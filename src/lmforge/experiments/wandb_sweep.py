@@ -15,7 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from lmforge.errors import LmforgeError
-from lmforge.sweeps import monitored, search_base, search_params
+from lmforge.experiments.sweeps import monitored, search_base, search_params
 
 log = logging.getLogger("lmforge")
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from lmforge.data.tokenizers import gpt2_tokenizer, load_tokenizer, wordpiece_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.hub import hub_reachable
+from lmforge.hub.network import hub_reachable
 from lmforge.models.pretrained import (
     Family,
     backbone_kwargs,

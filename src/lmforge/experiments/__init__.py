@@ -1,0 +1,1 @@
+"""Many runs at once: sweeps (Hydra, Optuna, W&B), benchmark suites and their reports, reproducing a run."""

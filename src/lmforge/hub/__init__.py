@@ -1,0 +1,1 @@
+"""Public checkpoints: whether the hub can be reached, reading a Hugging Face folder into a run, exporting one."""
