@@ -125,10 +125,10 @@ def test_checkpointed_lora_trains_its_adapters_as_without():
     """Frozen embeddings feed the first checkpointed block an input that needs no gradient."""
     from omegaconf import OmegaConf
 
-    from lmforge.config_dirs import CONF_DIR
+    from conftest import entry_cfg
     from lmforge.finetune import LoRA
 
-    targets = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "gpt2.yaml").targets)
+    targets = OmegaConf.to_container(entry_cfg("train", ["model=gpt2"]).model.targets)
 
     def lora_gpt():
         model = _gpt()

@@ -10,8 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import SimulatedCrash, requires_data
-from lmforge.config_dirs import CONF_DIR
+from conftest import SimulatedCrash, entry_cfg, requires_data
 from lmforge.errors import LmforgeError
 from lmforge.finetune import IA3, AdaLoRA, Adapter, Freeze, LoRA, Prefix, Prompt
 from lmforge.models.bert import Bert
@@ -20,9 +19,14 @@ from lmforge.tasks.classification import ClassificationTask
 from lmforge.training import run_training
 
 
+@functools.cache
+def _model_cfg(model: str):
+    return entry_cfg("train", [f"model={model}"]).model
+
+
 def targets(model: str) -> dict[str, str]:
-    """The ``targets`` of a shipped model config."""
-    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml").targets)
+    """The ``targets`` of a shipped model config, as composed (they come from its family, conf/model/family/)."""
+    return OmegaConf.to_container(_model_cfg(model).targets)
 
 
 def tiny_gpt() -> GPT:
