@@ -174,7 +174,7 @@ def bare_loop(dm, vocab: int, steps: int) -> float:
 
 def table_pipeline(steps: int) -> tuple[float, float | None]:
     """Table 2; returns (overhead %, start-up seconds)."""
-    from lmforge.data.datamodules import LanguageModelingDataModule
+    from lmforge.data.language_modeling import LanguageModelingDataModule
     from lmforge.data.sources import TextCorpus
     from lmforge.data.tokenizers import char_tokenizer
 

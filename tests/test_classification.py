@@ -70,7 +70,7 @@ def test_encoder_cannot_do_language_modelling(cfg_factory):
 @requires_data
 def test_wordpiece_from_the_mirror_matches_transformers():
     transformers = pytest.importorskip("transformers")
-    from lmforge.data.sources import LabeledTexts
+    from lmforge.data.classification import LabeledTexts
     from lmforge.data.tokenizers import wordpiece_tokenizer
 
     vocab = str(Path(DATA_DIR) / "tokenizers" / "bert-base-uncased" / "vocab.txt")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import DATA_DIR, requires_data
-from lmforge.data.datamodules import LanguageModelingDataModule, TokenWindows
+from lmforge.data.language_modeling import LanguageModelingDataModule, TokenWindows
 from lmforge.data.sources import TextCorpus
 from lmforge.data.tokenizers import char_tokenizer, encode_text
 from lmforge.errors import LmforgeError

@@ -19,8 +19,8 @@ from tokenizers import Tokenizer, models
 
 from conftest import REPO, SimulatedCrash
 from lmforge.data import token_store
-from lmforge.data.datamodules import LanguageModelingDataModule
 from lmforge.data.file_corpora import PythonSources, TextFileCorpus
+from lmforge.data.language_modeling import LanguageModelingDataModule
 from lmforge.data.sampling import ResumableShuffleSampler, SeededPermutation
 from lmforge.data.sources import TextCorpus
 from lmforge.data.text_splits import InMemoryText, sample_chunks

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torchmetrics.text import Perplexity
 
-from lmforge.data.datamodules import LanguageModelingDataModule
+from lmforge.data.language_modeling import LanguageModelingDataModule
 from lmforge.data.tokenizers import char_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models.gpt import GPT

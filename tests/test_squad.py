@@ -14,16 +14,16 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import DATA_DIR, REPO, entry_cfg, make_cfg, requires_data
-from lmforge.data.squad import (
+from lmforge.data.question_answering import (
     QuestionAnsweringDataModule,
     QuestionRows,
     QuestionWindows,
-    SquadQuestions,
     answer_token_span,
     collate_questions,
     encode_questions,
     first_answer,
 )
+from lmforge.data.squad import SquadQuestions
 from lmforge.data.tokenizers import wordpiece_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models.bert import Bert

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from lmforge.data.sources import LabeledTexts
+from lmforge.data.classification import LabeledTexts
 from lmforge.errors import LmforgeError
 from lmforge.training import run_training
 

@@ -302,16 +302,18 @@ class Prefix(FinetuneMethod):
         self.length, self.modules = length, list(modules)
 
     def apply(self, backbone: nn.Module, targets: dict[str, str] | None, model: str) -> None:
-        """Freeze the backbone and give each target attention layer a :class:`~lmforge.models.layers.KVPrefix`."""
-        from lmforge.models.layers import KVPrefix
+        """Freeze the backbone and give each target attention layer a :class:`~lmforge.models.tuning.KVPrefix`."""
+        from lmforge.models.tuning import PrefixableAttention
 
         pattern = _pattern(targets, self.modules, model)
-        chosen = [m for n, m in backbone.named_modules() if re.fullmatch(pattern, n) and hasattr(m, "prefix")]
+        chosen = [
+            m for n, m in backbone.named_modules() if re.fullmatch(pattern, n) and isinstance(m, PrefixableAttention)
+        ]
         if not chosen:
             raise LmforgeError(f"model.targets of {model} match no attention layer that takes a prefix: {pattern}.")
         backbone.requires_grad_(False)
         for module in chosen:
-            module.prefix = KVPrefix(module.n_head, module.head_dim, self.length)
+            module.add_prefix(self.length)
 
 
 class Prompt(FinetuneMethod):
@@ -331,15 +333,16 @@ class Prompt(FinetuneMethod):
         self.length = length
 
     def apply(self, backbone: nn.Module, targets: dict[str, str] | None, model: str) -> None:
-        """Freeze the backbone and give it a :class:`~lmforge.models.layers.SoftPrompt`."""
-        from lmforge.models.layers import SoftPrompt
+        """Freeze the backbone and give it a :class:`~lmforge.models.tuning.SoftPrompt`."""
+        from lmforge.models.backbone import Backbone
+        from lmforge.models.tuning import SoftPrompt
 
-        if not hasattr(backbone, "prompt"):
+        if not (isinstance(backbone, Backbone) and backbone.supports_prompt):
             raise LmforgeError(f"finetune=prompt needs a Transformer backbone (GPT, BERT, T5); {model} has no prompt.")
-        embedding = next(m for m in backbone.modules() if isinstance(m, nn.Embedding))  # the token embeddings
+        embedding = backbone.word_embeddings
         rows = torch.randint(embedding.num_embeddings, (self.length,))
         backbone.requires_grad_(False)
-        backbone.prompt = SoftPrompt(embedding.weight.detach()[rows])
+        backbone.set_prompt(SoftPrompt(embedding.weight.detach()[rows]))
 
 
 def describe_trainable(task: nn.Module) -> str:

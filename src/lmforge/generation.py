@@ -9,10 +9,14 @@ and compute its keys and values once per layer.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.models.backbone import backbone_kind
 from lmforge.models.layers import select_rows
 
 
@@ -75,7 +79,7 @@ class DecoderSteps:
     def __init__(self, model: nn.Module, attention_mask: torch.Tensor | None, use_cache: bool):
         self.model = model
         self.mask = attention_mask
-        self.cache = model.new_cache() if use_cache and hasattr(model, "new_cache") else None
+        self.cache = model.new_cache() if use_cache else None
 
     def next_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, V) logits of the token after ``ids`` (B, L)."""
@@ -144,20 +148,17 @@ def generate(
     """Generate up to ``max_new_tokens`` tokens for each row of ``input_ids``.
 
     Args:
-        model: a decoder (``kind = "decoder"``: (B, T) ids -> (B, T, V) logits, ``n_positions``)
-            or an encoder-decoder (``kind = "seq2seq"``: ``encode`` / ``decode``).
+        model: a decoder backbone or an encoder-decoder (:class:`lmforge.models.backbone.Seq2SeqBackbone`).
         input_ids: (B, T) prompts (decoder; left-pad a batch of different lengths) or sources (encoder-decoder).
-        max_new_tokens: most tokens to add.
-        temperature: 0 means greedy; otherwise logits are divided by it before sampling.
-            Ignored by beam search.
-        top_k, top_p: optional sampling filters.
+        temperature, top_k, top_p: sampling, from logits divided by ``temperature`` (0: greedy decoding) and
+            filtered by :func:`filter_logits`; beam search ignores them.
         eos_token_id: a sequence ends once it produced this token (then it is padded with ``pad_token_id``).
         generator: random generator for reproducible samples.
         use_cache: reuse keys and values of earlier positions.
         attention_mask: (B, T), 1 for real tokens and 0 for padding.
-        num_beams: more than 1 runs beam search.
-        length_penalty: beam search ranks finished sequences by log-probability / length ** length_penalty.
-        early_stopping: beam search stops a row once it has ``num_beams`` finished sequences.
+        num_beams: more than 1 runs beam search, which ranks finished sequences by
+            log-probability / length ** ``length_penalty`` and with ``early_stopping`` stops a row once it
+            has ``num_beams`` of them.
         repetition_penalty: above 1 discourages tokens the sequence already holds (1 = off).
         no_repeat_ngram_size: no n-gram of this size occurs twice in a sequence (0 = off).
         decoder_start_token_id: the first decoder input of an encoder-decoder.
@@ -165,28 +166,47 @@ def generate(
     Returns:
         decoder: (B, T + n) prompts and their continuations; encoder-decoder: (B, n) generated tokens.
     """
+    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    repetition = (repetition_penalty, no_repeat_ngram_size)
+    with evaluating(model):
+        steps, ids, keep = _decoding_steps(model, input_ids, attention_mask, use_cache, decoder_start_token_id)
+        if num_beams > 1:
+            beams = BeamSearch(ids.shape[0], num_beams, ids.shape[1], length_penalty, early_stopping, eos_token_id)
+            out = beams.run(steps, ids, max_new_tokens, repetition, pad)
+        else:
+            out = _sample(
+                steps, ids, max_new_tokens, temperature, top_k, top_p, repetition, eos_token_id, pad, generator
+            )
+    return out[:, keep:]
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Run the block with ``model`` in eval mode (no dropout), and put its mode back afterwards."""
     was_training = model.training
     model.eval()
-    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
-    if getattr(model, "kind", "decoder") == "seq2seq":
-        if decoder_start_token_id is None:
-            raise ValueError("an encoder-decoder needs decoder_start_token_id")
-        steps = EncoderDecoderSteps(model, input_ids, attention_mask, use_cache)
-        ids = torch.full((input_ids.shape[0], 1), decoder_start_token_id, dtype=torch.long, device=input_ids.device)
-        keep = 1  # the start token is dropped from the output
-    else:
-        steps = DecoderSteps(model, attention_mask, use_cache)
-        ids, keep = input_ids, 0
     try:
-        if num_beams > 1:
-            out = _beam_search(steps, ids, max_new_tokens, num_beams, length_penalty, early_stopping,
-                               (repetition_penalty, no_repeat_ngram_size), eos_token_id, pad)  # fmt: skip
-        else:
-            out = _sample(steps, ids, max_new_tokens, temperature, top_k, top_p,
-                          (repetition_penalty, no_repeat_ngram_size), eos_token_id, pad, generator)  # fmt: skip
+        yield
     finally:
         model.train(was_training)
-    return out[:, keep:]
+
+
+def _decoding_steps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    use_cache: bool,
+    decoder_start_token_id: int | None,
+) -> tuple[DecoderSteps | EncoderDecoderSteps, torch.Tensor, int]:
+    """What produces the next-token logits, the sequences it starts from, and how many leading tokens of
+    those the output leaves out (an encoder-decoder's start token)."""
+    if backbone_kind(model) != "seq2seq":
+        return DecoderSteps(model, attention_mask, use_cache), input_ids, 0
+    if decoder_start_token_id is None:
+        raise ValueError("an encoder-decoder needs decoder_start_token_id")
+    steps = EncoderDecoderSteps(model, input_ids, attention_mask, use_cache)
+    start = torch.full((input_ids.shape[0], 1), decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+    return steps, start, 1
 
 
 def _sample(steps, ids, max_new_tokens, temperature, top_k, top_p, repetition, eos, pad, generator):
@@ -208,68 +228,110 @@ def _sample(steps, ids, max_new_tokens, temperature, top_k, top_p, repetition, e
     return ids
 
 
-def _beam_search(steps, ids, max_new_tokens, num_beams, length_penalty, early_stopping, repetition, eos, pad):
-    """Keep the ``num_beams`` most likely continuations of each row; return the best finished one per row."""
-    B, K, start = ids.shape[0], num_beams, ids.shape[1]
-    device = ids.device
-    rows = torch.arange(B, device=device).repeat_interleave(K)
-    steps.reorder(rows)
-    ids = ids.index_select(0, rows)
-    scores = torch.zeros(B, K, device=device)
-    scores[:, 1:] = float("-inf")  # all beams start equal: only the first may expand at step one
-    finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
-    done = [False] * B
+class BeamSearch:
+    """Beam search over a batch: keeps the ``num_beams`` most likely continuations of each row and its
+    finished hypotheses, and returns the best finished one per row.
 
-    def normalise(score: float, length: int) -> float:
-        return score / (length**length_penalty)
+    The batch holds ``rows * num_beams`` sequences, row b's beams at ``b * num_beams ...``. A row that is
+    done goes on with padding beams, so that the batch stays rectangular.
 
-    for step in range(max_new_tokens):
-        logits = next_token_logits(steps, ids, *repetition)
-        V = logits.shape[-1]
-        candidates = (scores.view(-1, 1) + logits.log_softmax(-1)).view(B, K * V)
-        top_scores, top_index = candidates.topk(2 * K, dim=1)
+    Args:
+        rows: rows of the batch (prompts or sources).
+        num_beams: beams per row.
+        start: length of the sequences the search starts from (the prompts, or the start token).
+        length_penalty: finished sequences rank by log-probability / length ** length_penalty.
+        early_stopping: a row is done once it has ``num_beams`` finished sequences; otherwise only once
+            no live beam can beat the worst of them.
+        eos: the token that finishes a hypothesis (None: none finishes before the length limit).
+    """
+
+    def __init__(self, rows: int, num_beams: int, start: int, length_penalty: float, early_stopping: bool, eos):
+        self.rows, self.K, self.start = rows, num_beams, start
+        self.length_penalty, self.early_stopping, self.eos = length_penalty, early_stopping, eos
+        self.finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(rows)]
+        self.done = [False] * rows
+
+    def normalise(self, score: float, length: int) -> float:
+        """The rank of a sequence of ``length`` generated tokens and log-probability ``score``."""
+        return score / (length**self.length_penalty)
+
+    def run(self, steps, ids: torch.Tensor, max_new_tokens: int, repetition: tuple, pad: int) -> torch.Tensor:
+        """Search from (rows, start) ``ids``; returns (rows, start + n) prompts and their best continuations."""
+        B, K, device = self.rows, self.K, ids.device
+        rows = torch.arange(B, device=device).repeat_interleave(K)
+        steps.reorder(rows)
+        ids = ids.index_select(0, rows)
+        scores = torch.zeros(B, K, device=device)
+        scores[:, 1:] = float("-inf")  # all beams start equal: only the first may expand at step one
+        for step in range(max_new_tokens):
+            logits = next_token_logits(steps, ids, *repetition)
+            V = logits.shape[-1]
+            candidates = (scores.view(-1, 1) + logits.log_softmax(-1)).view(B, K * V)
+            top_scores, top_index = candidates.topk(2 * K, dim=1)
+            keep_rows, keep_tokens, keep_scores = self.advance(ids, top_scores, top_index, V, step, pad)
+            index = torch.tensor(keep_rows, device=device)
+            steps.reorder(index, same_source=True)
+            ids = torch.cat([ids.index_select(0, index), torch.tensor(keep_tokens, device=device)[:, None]], dim=1)
+            scores = torch.tensor(keep_scores, device=device).view(B, K)
+            if all(self.done):
+                break
+        return self.best(ids, scores, pad)
+
+    def advance(
+        self, ids: torch.Tensor, top_scores: torch.Tensor, top_index: torch.Tensor, V: int, step: int, pad: int
+    ) -> tuple[list[int], list[int], list[float]]:
+        """The K beams each row goes on with, as (sequence it extends, token, score) lists over the batch.
+
+        ``top_scores`` and ``top_index`` are each row's 2K best candidates (index: beam * V + token); a
+        candidate that ends with ``eos`` among the best K finishes a hypothesis instead.
+        """
         keep_rows, keep_tokens, keep_scores = [], [], []
-        for b in range(B):
-            if done[b]:  # padding beams keep the batch rectangular
-                keep_rows += [b * K] * K
-                keep_tokens += [pad] * K
-                keep_scores += [float("-inf")] * K
+        for b in range(self.rows):
+            if self.done[b]:  # padding beams keep the batch rectangular
+                keep_rows += [b * self.K] * self.K
+                keep_tokens += [pad] * self.K
+                keep_scores += [float("-inf")] * self.K
                 continue
-            live = 0
-            for rank in range(2 * K):
-                score, index = float(top_scores[b, rank]), int(top_index[b, rank])
-                row, token = b * K + index // V, index % V
-                if eos is not None and token == eos:
-                    if rank < K:  # an end among the best K candidates finishes a hypothesis
-                        text = torch.cat([ids[row, start:], ids.new_tensor([eos])])
-                        finished[b].append((normalise(score, step + 1), text))
-                    continue
-                keep_rows.append(row)
-                keep_tokens.append(token)
-                keep_scores.append(score)
-                live += 1
-                if live == K:
-                    break
-            finished[b] = sorted(finished[b], key=lambda h: -h[0])[:K]
-            if len(finished[b]) == K:
-                best_live = normalise(max(keep_scores[-K:]), step + 1)
-                done[b] = early_stopping or finished[b][-1][0] >= best_live
-        index = torch.tensor(keep_rows, device=device)
-        steps.reorder(index, same_source=True)
-        ids = torch.cat([ids.index_select(0, index), torch.tensor(keep_tokens, device=device)[:, None]], dim=1)
-        scores = torch.tensor(keep_scores, device=device).view(B, K)
-        if all(done):
-            break
-    best = []
-    for b in range(B):
-        if not done[b]:
-            length = ids.shape[1] - start
-            for j in range(K):
-                finished[b].append((normalise(float(scores[b, j]), length), ids[b * K + j, start:]))
-        best.append(max(finished[b], key=lambda h: h[0])[1])
-    prompts = ids[::K, :start]
-    longest = max(len(tokens) for tokens in best)
-    out = torch.full((B, longest), pad, dtype=torch.long, device=device)
-    for b, tokens in enumerate(best):
-        out[b, : len(tokens)] = tokens
-    return torch.cat([prompts, out], dim=1)
+            live = self._advance_row(b, ids, top_scores[b].tolist(), top_index[b].tolist(), V, step)
+            keep_rows += [row for row, _, _ in live]
+            keep_tokens += [token for _, token, _ in live]
+            keep_scores += [score for _, _, score in live]
+        return keep_rows, keep_tokens, keep_scores
+
+    def _advance_row(
+        self, b: int, ids: torch.Tensor, top_scores: list[float], top_index: list[int], V: int, step: int
+    ) -> list[tuple[int, int, float]]:
+        """Row ``b``'s K live beams (sequence, token, score); records its finished hypotheses and whether it is done."""
+        live = []
+        for rank, (score, index) in enumerate(zip(top_scores, top_index)):
+            row, token = b * self.K + index // V, index % V
+            if self.eos is not None and token == self.eos:
+                if rank < self.K:  # an end among the best K candidates finishes a hypothesis
+                    text = torch.cat([ids[row, self.start :], ids.new_tensor([self.eos])])
+                    self.finished[b].append((self.normalise(score, step + 1), text))
+                continue
+            live.append((row, token, score))
+            if len(live) == self.K:
+                break
+        self.finished[b] = sorted(self.finished[b], key=lambda h: -h[0])[: self.K]
+        if len(self.finished[b]) == self.K:
+            best_live = self.normalise(max(score for _, _, score in live), step + 1)
+            self.done[b] = self.early_stopping or self.finished[b][-1][0] >= best_live
+        return live
+
+    def best(self, ids: torch.Tensor, scores: torch.Tensor, pad: int) -> torch.Tensor:
+        """Each row's prompt and its best hypothesis (live beams count for rows not done), padded to one length."""
+        best = []
+        for b in range(self.rows):
+            if not self.done[b]:
+                length = ids.shape[1] - self.start
+                for j in range(self.K):
+                    self.finished[b].append(
+                        (self.normalise(float(scores[b, j]), length), ids[b * self.K + j, self.start :])
+                    )
+            best.append(max(self.finished[b], key=lambda h: h[0])[1])
+        longest = max(len(tokens) for tokens in best)
+        out = torch.full((self.rows, longest), pad, dtype=torch.long, device=ids.device)
+        for b, tokens in enumerate(best):
+            out[b, : len(tokens)] = tokens
+        return torch.cat([ids[:: self.K, : self.start], out], dim=1)

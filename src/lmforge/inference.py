@@ -18,7 +18,9 @@ from lmforge.console import setup_console
 from lmforge.data.tokenizers import EOS
 from lmforge.errors import LmforgeError
 from lmforge.generation import generate
+from lmforge.models.backbone import backbone_kind
 from lmforge.rundirs.checkpoints import load_task_state
+from lmforge.rundirs.config import saved_config
 
 log = logging.getLogger("lmforge")
 
@@ -41,7 +43,7 @@ def generate_from_run(cfg: DictConfig) -> list[str]:
     task_class = run.cfg.task.module._target_.rsplit(".", 1)[-1]
     if task_class == "Seq2SeqTask":
         texts = _generate_seq2seq(run, cfg)
-    elif getattr(run.backbone, "kind", None) != "decoder":
+    elif backbone_kind(run.backbone) != "decoder":
         raise LmforgeError(
             f"The model of {run.run_dir} ({run.cfg.model.name}) is not a decoder; it cannot generate text."
         )
@@ -131,7 +133,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     no_samples = {"num_samples": 0} if "num_samples" in saved.task.module else {}
     task = build_task(saved, run.backbone, run.tokenizer, datamodule, **no_samples)
     load_task_state(task, run.saved)  # the head too, not only the backbone
-    suffix = f"-{saved.task.name}" if saved.task.name != OmegaConf.load(run.run_dir / "config.yaml").task.name else ""
+    suffix = f"-{saved.task.name}" if saved.task.name != saved_config(run.run_dir).task.name else ""
     # The steps of the scored split write a line per example (lmforge.predictions), beside the record.
     task.predictions_file, task.predictions_split = f"eval-{split}{suffix}-predictions.jsonl", split
     limit = cfg.limit_batches if cfg.limit_batches is not None else 1.0

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from lmforge.tasks.text_metrics import text_scores
+
 log = logging.getLogger(__name__)
 
 TABLE_ROWS = 100  # lines sent to W&B as a table
@@ -139,23 +141,6 @@ def classification_rows(
     ]  # fmt: skip
 
 
-def sentence_scores(hypothesis: str, reference: str, metrics: tuple[str, ...]) -> dict[str, float]:
-    """Scores of one generated text against its reference, in percent: sentence BLEU and chrF
-    (sacreBLEU's defaults for single sentences), ROUGE-1/2/L F-measures (torchmetrics)."""
-    import sacrebleu
-    from torchmetrics.functional.text.rouge import rouge_score
-
-    scores = {}
-    if "bleu" in metrics:
-        scores["bleu"] = sacrebleu.sentence_bleu(hypothesis, [reference]).score
-    if "chrf" in metrics:
-        scores["chrf"] = sacrebleu.sentence_chrf(hypothesis, [reference]).score
-    if "rouge" in metrics:
-        rouge = rouge_score(hypothesis, reference, rouge_keys=("rouge1", "rouge2", "rougeL"))
-        scores.update({key: 100 * float(rouge[f"{key}_fmeasure"]) for key in ("rouge1", "rouge2", "rougeL")})
-    return scores
-
-
 def seq2seq_rows(
     examples: list[dict], hypotheses: list[str], references: list[str], metrics: tuple[str, ...]
 ) -> list[dict]:
@@ -163,7 +148,7 @@ def seq2seq_rows(
     sentence scores (``bleu``, ``chrf``, ``rouge1``...: the task's metrics, per example)."""
     return [
         {"index": ex["index"], "source": ex.get("source"), "reference": ref, "prediction": hyp,
-         **{k: _round(v) for k, v in sentence_scores(hyp, ref, metrics).items()}}
+         **{k: _round(v) for k, v in text_scores(hyp, ref, metrics).items()}}
         for ex, hyp, ref in zip(examples, hypotheses, references, strict=True)
     ]  # fmt: skip
 

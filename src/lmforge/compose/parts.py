@@ -12,11 +12,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tokenizers import Tokenizer
-from torch import nn
 
 from lmforge.data.tokenizers import build_tokenizer, with_end_of_sequence
 from lmforge.errors import LmforgeError
 from lmforge.finetune import FinetuneMethod, Full
+from lmforge.models.backbone import Backbone, backbone_kind
+from lmforge.tasks.base import TaskModule
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def _instantiate_reporting(node: DictConfig, **kwargs: Any) -> Any:
 MODEL_DESCRIPTION_KEYS = ("name", "pretrained", "hub_id", "targets")
 
 
-def build_backbone(model_cfg: DictConfig, vocab_size: int) -> nn.Module:
+def build_backbone(model_cfg: DictConfig, vocab_size: int) -> Backbone:
     """Instantiate a backbone from its ``model=`` config.
 
     Args:
@@ -52,11 +53,17 @@ def build_backbone(model_cfg: DictConfig, vocab_size: int) -> nn.Module:
             (a pretrained checkpoint's embedding table may be larger than its tokenizer).
     """
     try:
-        return instantiate(
+        backbone = instantiate(
             _without(model_cfg, *MODEL_DESCRIPTION_KEYS), vocab_size=model_cfg.get("vocab_size") or vocab_size
         )
     except InstantiationException as err:  # a key this model does not take, a value it refuses
         raise LmforgeError(f"Model {model_cfg.get('name')} cannot be built from its config: {err.__cause__}.") from err
+    if not isinstance(backbone, Backbone):  # a user's model class: the tasks rely on the contract
+        raise LmforgeError(
+            f"Model {model_cfg.get('name')} builds a {type(backbone).__name__}, which is not a backbone; "
+            f"subclass lmforge.models.backbone.Backbone (docs/configuration.md)."
+        )
+    return backbone
 
 
 def build_finetune(cfg: DictConfig) -> FinetuneMethod:
@@ -116,7 +123,7 @@ def fit_context_to_data(cfg: DictConfig, datamodule: pl.LightningDataModule) -> 
     the DataModule's ``block_size`` (a decoder's: its ``joined_length``, source then target) with one log
     line, as learned positions have no trained length to keep."""
     block_size = getattr(datamodule, "block_size", None)
-    if getattr(get_class(cfg.model._target_), "kind", None) == "decoder":
+    if backbone_kind(get_class(cfg.model._target_)) == "decoder":
         block_size = getattr(datamodule, "joined_length", block_size)
     n_positions = cfg.model.get("n_positions")
     if block_size and n_positions and block_size > n_positions:
@@ -126,11 +133,11 @@ def fit_context_to_data(cfg: DictConfig, datamodule: pl.LightningDataModule) -> 
 
 
 def build_task(
-    cfg: DictConfig, backbone: nn.Module, tokenizer: Tokenizer, datamodule: pl.LightningDataModule, **overrides: Any
+    cfg: DictConfig, backbone: Backbone, tokenizer: Tokenizer, datamodule: pl.LightningDataModule, **overrides: Any
 ) -> pl.LightningModule:
     """Instantiate the task's LightningModule around a built backbone, with what it needs to know of the data."""
     block_size = getattr(datamodule, "block_size", None)
-    n_positions = getattr(backbone, "n_positions", None)
+    n_positions = backbone.n_positions
     if block_size and n_positions and block_size > n_positions:
         raise LmforgeError(
             f"task.data.block_size={block_size} is longer than the model's n_positions={n_positions}; "
@@ -140,7 +147,7 @@ def build_task(
 
 
 def make_task(
-    cfg: DictConfig, backbone: nn.Module, tokenizer: Tokenizer, data_arguments: dict[str, Any], **overrides: Any
+    cfg: DictConfig, backbone: Backbone, tokenizer: Tokenizer, data_arguments: dict[str, Any], **overrides: Any
 ) -> pl.LightningModule:
     """The task's LightningModule from its config, with the optimizer and schedule partials.
 
@@ -167,8 +174,8 @@ def make_task(
 def check_pairing(cfg: DictConfig) -> None:
     """Stop before any data is read when the task cannot train this kind of model (``model=gpt2 task=mlm``)."""
     task_class = get_class(cfg.task.module._target_)
-    model_kind = getattr(get_class(cfg.model._target_), "kind", None)
-    if not hasattr(task_class, "check_backbone"):
+    model_kind = backbone_kind(get_class(cfg.model._target_))
+    if not issubclass(task_class, TaskModule):
         return
     try:
         task_class.check_backbone(model_kind, cfg.model.name)
@@ -186,5 +193,5 @@ def model_kinds() -> dict[str, str | None]:
         for path in sorted((folder / "model").glob("*.yaml")):
             target = OmegaConf.load(path).get("_target_")
             if target:
-                kinds[path.stem] = getattr(get_class(target), "kind", None)
+                kinds[path.stem] = backbone_kind(get_class(target))
     return dict(sorted(kinds.items()))

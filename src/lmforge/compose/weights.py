@@ -10,7 +10,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from tokenizers import Tokenizer
 from torch import nn
 
@@ -26,6 +26,7 @@ from lmforge.rundirs.checkpoints import (
     init_source,
     load_checkpoint,
 )
+from lmforge.rundirs.config import saved_config
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> SavedRun:
     run_dir = Path(run_dir).expanduser().resolve()
     if not (run_dir / "config.yaml").is_file():
         raise LmforgeError(f"{run_dir} is not a run directory (no config.yaml in it).")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = saved_config(run_dir)
     tokenizer = load_tokenizer(run_dir)
     path = find_checkpoint(run_dir, checkpoint)
     backbone = build_backbone(cfg.model, tokenizer.get_vocab_size())

@@ -16,6 +16,7 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.data.sources import require_splits
 from lmforge.data.streaming import StreamedText
 from lmforge.data.text_splits import ROW_SUFFIXES, FilePiece, FileText, RowHoldout, TextSplit, file_suffix
 from lmforge.errors import LmforgeError
@@ -77,12 +78,12 @@ class TextFileCorpus:
                     splits[split] = self._split_of(self._expand(_as_list(spec), key))
         else:
             splits = self._held_out(files)
-        missing = [s for s in required if s not in splits]
-        if missing:
-            raise LmforgeError(
-                f"Corpus '{self.name}' has no {' or '.join(missing)} split; set task.source.holdout_fraction "
-                f"or task.source.validation_files."
-            )
+        require_splits(
+            splits,
+            required,
+            f"Corpus '{self.name}'",
+            "set task.source.holdout_fraction or task.source.validation_files",
+        )
         if self.streaming:
             splits["train"] = self._streamed(splits["train"])
         log.info("data: %s (%s)", self.name, ", ".join(f"{k} {v.describe()}" for k, v in splits.items()))

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from lmforge.data.sources import SPLITS, LabeledTexts, map_columns
+from lmforge.data.classification import LabeledTexts
+from lmforge.data.sources import SPLITS, map_columns
 from lmforge.data.text_splits import ArrowText, TextSplit
 from lmforge.errors import LmforgeError
 

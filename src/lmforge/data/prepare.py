@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from lmforge.console import setup_console
 from lmforge.data import token_store
-from lmforge.data.datamodules import LanguageModelingDataModule
+from lmforge.data.language_modeling import LanguageModelingDataModule
 from lmforge.errors import LmforgeError
 
 log = logging.getLogger("lmforge")

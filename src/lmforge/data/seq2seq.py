@@ -6,11 +6,10 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from lmforge.data.datamodules import ExampleDataModule, ExampleRows, as_table
+from lmforge.data.examples import ExampleDataModule, ExampleRows, as_table
+from lmforge.data.labels import IGNORE
 from lmforge.data.sources import map_columns
 from lmforge.data.tokenizers import cached_tokenizer, eos_token_id, pad_token_id, tokenizer_fingerprint
-
-IGNORE = -100  # label of positions the loss skips (padding)
 
 
 class Seq2SeqDataModule(ExampleDataModule):

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Encoding, Tokenizer
 
-from lmforge.data.datamodules import ExampleDataModule, ExampleRows, as_table
+from lmforge.data.examples import ExampleDataModule, ExampleRows, as_table
+from lmforge.data.labels import IGNORE
 from lmforge.data.sources import map_columns
 from lmforge.data.tokenizers import cached_tokenizer, pad_token_id, tokenizer_fingerprint
-
-IGNORE = -100  # label of positions without a loss: later sub-tokens, special tokens, padding
 
 
 @dataclass

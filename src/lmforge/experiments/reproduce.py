@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmforge.errors import LmforgeError
+from lmforge.rundirs.config import saved_config
 
 log = logging.getLogger("lmforge")
 
@@ -45,7 +46,7 @@ def original_run(spec: str) -> tuple[Path, DictConfig, dict[str, Any]]:
         raise LmforgeError(f"{run_dir} has no metrics.json (the run did not finish), so there is nothing to compare.")
     try:
         record = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-        saved = OmegaConf.load(run_dir / "config.yaml")
+        saved = saved_config(run_dir)
     except (OSError, ValueError) as err:  # a hand-edited or truncated file
         raise LmforgeError(f"{run_dir} has an unreadable config.yaml or metrics.json ({err}).") from err
     return run_dir, saved, record
@@ -224,34 +225,15 @@ def reproduce_run(cfg: DictConfig) -> dict[str, Any]:
     if not is_rank_zero():  # a DDP worker of the new run: rank 0 compares
         return {}
     new_dir = Path(record["run_dir"])
-    tolerance = cfg.get("tolerance")
-    if tolerance is None:
-        tolerance = CPU_TOLERANCE if record.get("device") == "cpu" else ACCELERATOR_TOLERANCE
-    tolerance = float(tolerance)
-    metrics = compare_metrics(original.get("metrics") or {}, record["metrics"], tolerance)
-    weights = compare_weights(original_dir, new_dir, tolerance)
-    notes = provenance_notes(original, record, original_dir, new_dir)
-    if saved.get("resume"):
-        notes.append("the original was resumed and this run was not; their last digits may differ for that alone.")
-    if not weights["compared"]:
-        notes.append(f"final weights not compared: {weights['reason']}.")
-    differing = [name for name, row in metrics.items() if not row["match"]]
-    match = not differing and weights.get("match", True)
-    report = {
-        "original": str(original_dir),
-        "reproduction": str(new_dir),
-        "tolerance": tolerance,
-        "match": match,
-        "metrics": metrics,
-        "weights": weights,
-        "notes": notes,
-    }
+    report = compare_runs(original_dir, saved, original, record, cfg.get("tolerance"))
     tracking.write_json(new_dir / REPORT_FILE, report)
+    metrics, weights, notes, tolerance = report["metrics"], report["weights"], report["notes"], report["tolerance"]
     log.info("reproduction of %s:\n%s", original_dir, format_table(metrics, weights, tolerance))
     for note in notes:
         log.info("note: %s", note)
     log.info("written: %s", new_dir / REPORT_FILE)
-    if not match:
+    if not report["match"]:
+        differing = [name for name, row in metrics.items() if not row["match"]]
         what = (
             f"{len(differing)} of {len(metrics)} metrics ({', '.join(differing)})" if differing else "the final weights"
         )
@@ -263,3 +245,30 @@ def reproduce_run(cfg: DictConfig) -> dict[str, Any]:
         "reproduced: every metric%s within %g.", " and the final weights" if weights["compared"] else "", tolerance
     )
     return report
+
+
+def compare_runs(
+    original_dir: Path, saved: DictConfig, original: dict[str, Any], record: dict[str, Any], tolerance: float | None
+) -> dict[str, Any]:
+    """The comparison of a reproduction's record with the original's: metrics, final weights, notes on what
+    differs around them; ``tolerance`` None is the device's default."""
+    new_dir = Path(record["run_dir"])
+    if tolerance is None:
+        tolerance = CPU_TOLERANCE if record.get("device") == "cpu" else ACCELERATOR_TOLERANCE
+    tolerance = float(tolerance)
+    metrics = compare_metrics(original.get("metrics") or {}, record["metrics"], tolerance)
+    weights = compare_weights(original_dir, new_dir, tolerance)
+    notes = provenance_notes(original, record, original_dir, new_dir)
+    if saved.get("resume"):
+        notes.append("the original was resumed and this run was not; their last digits may differ for that alone.")
+    if not weights["compared"]:
+        notes.append(f"final weights not compared: {weights['reason']}.")
+    return {
+        "original": str(original_dir),
+        "reproduction": str(new_dir),
+        "tolerance": tolerance,
+        "match": all(row["match"] for row in metrics.values()) and weights.get("match", True),
+        "metrics": metrics,
+        "weights": weights,
+        "notes": notes,
+    }

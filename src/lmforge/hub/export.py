@@ -32,6 +32,7 @@ from lmforge.models.pretrained import (
     head_kind,
 )
 from lmforge.rundirs.checkpoints import load_task_state
+from lmforge.rundirs.config import saved_config
 
 log = logging.getLogger("lmforge")
 
@@ -197,7 +198,7 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best") -
     config = hf_config(family, kind, run.cfg.model, task, run.tokenizer)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _write_tokenizer(run.tokenizer, out, run.cfg.model.get("n_positions"), segments=family.model_type == "bert")
-    cfg = OmegaConf.load(run.run_dir / "config.yaml")
+    cfg = saved_config(run.run_dir)
     (out / "README.md").write_text(_model_card(run.run_dir, config["architectures"][0], cfg, run.checkpoint))
     log.info("exported %s (%s) to %s", run.run_dir.name, config["architectures"][0], out)
     return out

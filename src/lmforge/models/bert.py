@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.models.layers import BlockRunner, KVPrefix, SoftPrompt, init_normal
+from lmforge.models.backbone import Backbone
+from lmforge.models.layers import BlockRunner, init_normal
+from lmforge.models.tuning import KVPrefix, PrefixableAttention
 
 
 class BertEmbeddings(nn.Module):
@@ -35,7 +37,7 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
-class BertSelfAttention(nn.Module):
+class BertSelfAttention(PrefixableAttention, nn.Module):
     """Multi-head attention over the whole sequence, padding masked out."""
 
     def __init__(self, hidden_size: int, n_head: int, dropout: float):
@@ -56,8 +58,7 @@ class BertSelfAttention(nn.Module):
             lin(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
             for lin in (self.query, self.key, self.value)
         )
-        if self.prefix is not None:
-            k, v, mask = self.prefix.extend(k, v, mask, True)
+        k, v, mask = self.with_prefix(k, v, mask, True)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return y.transpose(1, 2).reshape(B, T, C)
 
@@ -142,7 +143,7 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(hidden[:, 0]))
 
 
-class Bert(nn.Module):
+class Bert(Backbone):
     """A BERT encoder.
 
     Args:
@@ -158,6 +159,8 @@ class Bert(nn.Module):
     """
 
     kind = "encoder"
+    supports_prompt = True
+    takes_token_type_ids = True
 
     def __init__(
         self,
@@ -181,7 +184,6 @@ class Bert(nn.Module):
             if isinstance(module, nn.LayerNorm):
                 module.eps = layer_norm_eps
         self.apply(init_normal)
-        self.prompt: SoftPrompt | None = None  # set by finetune=prompt
 
     @property
     def word_embeddings(self) -> nn.Embedding:
@@ -203,17 +205,28 @@ class Bert(nn.Module):
         Returns:
             (B, T, hidden_size) hidden states.
         """
-        x = self.embeddings(input_ids, token_type_ids)
-        if self.prompt is not None:  # a soft prompt after [CLS], which the pooler reads
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            prompted, attention_mask = self.prompt.prepend(x[:, 1:], attention_mask[:, 1:])
-            x = torch.cat([x[:, :1], prompted], dim=1)
-            attention_mask = torch.cat([attention_mask.new_ones(len(x), 1), attention_mask], dim=1)
+        x, attention_mask = self._with_prompt(self.embeddings(input_ids, token_type_ids), attention_mask)
         mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None  # (B, 1, 1, T)
-        x = self.encoder(x, mask)
-        if self.prompt is not None:
-            x = torch.cat([x[:, :1], x[:, 1 + self.prompt.length :]], dim=1)
-        return x
+        return self._without_prompt(self.encoder(x, mask))
 
     forward = hidden_states
+
+    # A soft prompt goes after [CLS], so that the pooler still reads [CLS].
+
+    def _with_prompt(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, C) embeddings and mask -> [CLS], the soft prompt, the rest; unchanged without a prompt."""
+        if self.prompt is None:
+            return x, attention_mask
+        if attention_mask is None:
+            attention_mask = x.new_ones(x.shape[:2], dtype=torch.long)
+        rest, rest_mask = self.prepend_prompt(x[:, 1:], attention_mask[:, 1:])
+        x = torch.cat([x[:, :1], rest], dim=1)
+        return x, torch.cat([rest_mask.new_ones(len(x), 1), rest_mask], dim=1)
+
+    def _without_prompt(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + P + T, C) states -> (B, 1 + T, C), the soft prompt's positions left out."""
+        if self.prompt is None:
+            return x
+        return torch.cat([x[:, :1], self.drop_prompt(x[:, 1:])], dim=1)

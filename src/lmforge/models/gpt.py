@@ -12,10 +12,11 @@ import math
 import torch
 from torch import nn
 
-from lmforge.models.layers import BlockRunner, KVCache, PreNormBlock, SoftPrompt, init_normal
+from lmforge.models.backbone import Backbone
+from lmforge.models.layers import BlockRunner, KVCache, PreNormBlock, init_normal
 
 
-class GPT(BlockRunner, nn.Module):
+class GPT(BlockRunner, Backbone):
     """Token + learned position embeddings, pre-LayerNorm blocks, tied output head.
 
     Args:
@@ -34,6 +35,7 @@ class GPT(BlockRunner, nn.Module):
     """
 
     kind = "decoder"
+    supports_prompt = True
 
     def __init__(
         self,
@@ -60,7 +62,7 @@ class GPT(BlockRunner, nn.Module):
         self.vocab_size = vocab_size
         self.n_positions = n_positions
         self.n_embd = n_embd
-        self.hidden_size = n_embd  # what task heads read, for every backbone
+        self.hidden_size = n_embd
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(vocab_size, n_embd),
@@ -75,12 +77,16 @@ class GPT(BlockRunner, nn.Module):
         )
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
-        self.prompt: SoftPrompt | None = None  # set by finetune=prompt
         self.apply(init_normal)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) at init.
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        """The token embedding table (``transformer.wte``, tied to ``lm_head``)."""
+        return self.transformer.wte
 
     def num_parameters(self, exclude_positions: bool = False) -> int:
         """Count parameters once (the tied head is not counted twice)."""
@@ -120,19 +126,30 @@ class GPT(BlockRunner, nn.Module):
         else:
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))
-        # A soft prompt goes before the first tokens (then it lives in the cache), without a position.
-        prompted = self.prompt is not None and (cache is None or cache.layers[0].length == 0)
-        if self.prompt is not None:
-            if prompted:
-                x, _ = self.prompt.prepend(x, None)
-                if cache is not None:
-                    cache.offset = self.prompt.length
-            if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask.new_ones(len(x), self.prompt.length), attention_mask], 1)
+        x, attention_mask, prompted = self._with_prompt(x, attention_mask, cache)
         for i, block in enumerate(self.transformer.h):
             x = self.run_block(block, x, attention_mask, cache.layers[i] if cache is not None else None)
         x = self.transformer.ln_f(x)
-        return x[:, self.prompt.length :] if prompted else x
+        return self.drop_prompt(x) if prompted else x
+
+    def _with_prompt(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """Embeddings and mask with the soft prompt's positions, and whether ``x`` holds them.
+
+        The prompt goes before the first tokens, without a position. Decoding with a cache, it is read
+        once, at the first step, and lives in the cache after that; the mask covers it at every step.
+        """
+        if self.prompt is None:
+            return x, attention_mask, False
+        first = cache is None or cache.layers[0].length == 0
+        if first:
+            x, _ = self.prepend_prompt(x, None)
+            if cache is not None:
+                cache.offset = self.prompt.length
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask.new_ones(len(x), self.prompt.length), attention_mask], 1)
+        return x, attention_mask, first
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lmforge.models.tuning import KVPrefix, PrefixableAttention
+
 
 def init_normal(module: nn.Module, std: float = 0.02) -> None:
     """GPT-2/BERT initialisation for ``Module.apply``: normal(0, std) weights, zero biases."""
@@ -47,64 +49,7 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
     return len(stacks)
 
 
-class KVPrefix(nn.Module):
-    """Learned keys and values placed before a self-attention layer's own (prefix tuning, Li & Liang 2021).
-
-    Every query may attend to them; the layer's outputs keep the input's length and positions.
-
-    Args:
-        n_head: heads of the attention layer.
-        head_dim: width per head.
-        length: number of prefix positions.
-    """
-
-    def __init__(self, n_head: int, head_dim: int, length: int):
-        super().__init__()
-        self.keys = nn.Parameter(torch.randn(n_head, length, head_dim) * 0.02)
-        self.values = nn.Parameter(torch.randn(n_head, length, head_dim) * 0.02)
-
-    def extend(
-        self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, attend: bool | float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Prepend the prefix to (B, heads, S, head_dim) keys and values, and to a mask over the keys (last dim).
-
-        ``attend`` is the mask value that lets a query see a key (1 or True for key masks, 0.0 for additive biases).
-        """
-        B = k.shape[0]
-        k = torch.cat([self.keys.expand(B, -1, -1, -1).to(k.dtype), k], dim=2)
-        v = torch.cat([self.values.expand(B, -1, -1, -1).to(v.dtype), v], dim=2)
-        if mask is not None:
-            pad = torch.full((*mask.shape[:-1], self.keys.shape[1]), attend, dtype=mask.dtype, device=mask.device)
-            mask = torch.cat([pad, mask], dim=-1)
-        return k, v, mask
-
-
-class SoftPrompt(nn.Module):
-    """Learned vectors placed before a sequence's token embeddings (prompt tuning, Lester et al. 2021).
-
-    Args:
-        vectors: (length, width) starting values (prompt tuning starts from embeddings of real tokens).
-    """
-
-    def __init__(self, vectors: torch.Tensor):
-        super().__init__()
-        self.vectors = nn.Parameter(vectors.clone())
-
-    @property
-    def length(self) -> int:
-        """Number of prompt positions."""
-        return self.vectors.shape[0]
-
-    def prepend(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, T, C) embeddings and an optional (B, T) key mask -> (B, P + T, C) and (B, P + T)."""
-        B = x.shape[0]
-        x = torch.cat([self.vectors.expand(B, -1, -1).to(x.dtype), x], dim=1)
-        if mask is not None:
-            mask = torch.cat([mask.new_ones(B, self.length), mask], dim=1)
-        return x, mask
-
-
-class CausalSelfAttention(nn.Module):
+class CausalSelfAttention(PrefixableAttention, nn.Module):
     """Multi-head self-attention with a causal mask and one fused q/k/v projection.
 
     Args:
@@ -147,8 +92,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.append(k, v)  # (B, heads, past + T, head_dim)
-        if self.prefix is not None:  # after the cache, which holds the tokens' own keys only
-            k, v, attention_mask = self.prefix.extend(k, v, attention_mask, 1)
+        k, v, attention_mask = self.with_prefix(k, v, attention_mask, 1)
         dropout = self.dropout if self.training else 0.0
         if attention_mask is None and k.shape[2] == T:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.scale)
@@ -227,6 +171,18 @@ def select_rows(value, index: torch.Tensor):
     return type(value)(select_rows(v, index) for v in value)
 
 
+def memory_keys_values(
+    attention: Attention, memory: torch.Tensor, cache: KVCache | None, layer: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's keys and values of the encoder output: computed once per source with a cache
+    (kept in ``cache.cross``), at every call without one."""
+    if cache is None:
+        return attention.keys_values(memory)
+    if cache.cross[layer] is None:
+        cache.cross[layer] = attention.keys_values(memory)
+    return cache.cross[layer]
+
+
 def attention_mask_for(
     key_mask: torch.Tensor | None, n_queries: int, n_keys: int, causal: bool, device: torch.device
 ) -> torch.Tensor | None:
@@ -255,7 +211,7 @@ def attention_mask_for(
     return mask
 
 
-class Attention(nn.Module):
+class Attention(PrefixableAttention, nn.Module):
     """Multi-head attention with separate query, key, value and output projections (``q``, ``k``, ``v``, ``o``).
 
     Self-attention (keys from ``x``, appended to a cache when decoding) or cross-attention
@@ -323,9 +279,7 @@ class Attention(nn.Module):
             k, v = self.keys_values(x)
             if cache is not None:
                 k, v = cache.append(k, v)
-            if self.prefix is not None:
-                attend = True if mask is None or mask.dtype == torch.bool else 0.0
-                k, v, mask = self.prefix.extend(k, v, mask, attend)
+            k, v, mask = self.with_prefix(k, v, mask, True if mask is None or mask.dtype == torch.bool else 0.0)
         else:
             k, v = kv
         dropout = self.dropout if self.training else 0.0

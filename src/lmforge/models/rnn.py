@@ -6,14 +6,68 @@ sentence at a time, whichever side the padding is on.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from lmforge.models.backbone import Backbone
+
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
 
 
-class RNN(nn.Module):
+def check_cell(cell: str) -> None:
+    """Refuse a recurrent cell other than those of :data:`CELLS`."""
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {', '.join(CELLS)}, not {cell!r}")
+
+
+def recurrent_layers(
+    cell: str, input_size: int, hidden_size: int, n_layer: int, bidirectional: bool, dropout: float
+) -> nn.RNNBase:
+    """A batch-first stack of ``n_layer`` LSTM or GRU layers, with ``dropout`` between them (none for one layer)."""
+    return CELLS[cell](
+        input_size,
+        hidden_size,
+        num_layers=n_layer,
+        bidirectional=bidirectional,
+        batch_first=True,
+        dropout=dropout if n_layer > 1 else 0.0,
+    )
+
+
+def real_tokens_first(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (B, T) order that moves each row's real tokens to its front, and the (B,) row lengths (on the CPU).
+
+    Packing wants real tokens first; the sort is stable, so they keep their order, and
+    :func:`restore_order` puts the outputs back where their tokens came from.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    order = torch.sort(1 - attention_mask.long(), dim=1, stable=True).indices
+    return order, attention_mask.sum(1).clamp(min=1).cpu()
+
+
+def run_packed(rnn: nn.RNNBase, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Run ``rnn`` over the real tokens of (B, T, E) inputs put in :func:`real_tokens_first` order.
+
+    Returns the (B, T, H) outputs, zeros past each row's length, and the final states.
+    """
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    out, final = rnn(packed)
+    out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+    return out, final
+
+
+def restore_order(out: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) outputs of tokens in ``order`` (:func:`real_tokens_first`), put back in their tokens' places."""
+    return torch.zeros_like(out).scatter(1, order[..., None].expand_as(out), out)
+
+
+class RNN(Backbone):
     """An LSTM or GRU encoder over token embeddings.
 
     Args:
@@ -39,23 +93,20 @@ class RNN(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        if cell not in CELLS:
-            raise ValueError(f"cell must be one of {', '.join(CELLS)}, not {cell!r}")
+        check_cell(cell)
         self.cell = cell
         self.bidirectional = bidirectional
         self.hidden_size = hidden_size * (2 if bidirectional else 1)  # width of what the heads see
         self.embedding_size = embedding_size
         self.embeddings = nn.Embedding(vocab_size, embedding_size)
         self.dropout = nn.Dropout(dropout)
-        self.rnn = CELLS[cell](
-            embedding_size,
-            hidden_size,
-            num_layers=n_layer,
-            bidirectional=bidirectional,
-            batch_first=True,
-            dropout=dropout if n_layer > 1 else 0.0,
-        )
+        self.rnn = recurrent_layers(cell, embedding_size, hidden_size, n_layer, bidirectional, dropout)
         nn.init.normal_(self.embeddings.weight, std=0.1)
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        """The token embedding table (``embeddings``)."""
+        return self.embeddings
 
     def hidden_states(
         self,
@@ -74,20 +125,12 @@ class RNN(nn.Module):
             (B, T, hidden_size) outputs of the last layer (both directions concatenated);
             zeros at padding positions.
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        # Move real tokens to the front of each row (stable, so their order is kept), which is what
-        # packing expects, and put the outputs back where their tokens came from afterwards.
-        order = torch.sort(1 - attention_mask.long(), dim=1, stable=True).indices
-        lengths = attention_mask.sum(1).clamp(min=1).cpu()
+        order, lengths = real_tokens_first(input_ids, attention_mask)
         x = self.embeddings(input_ids)
         if input_features is not None:
             x = x + input_features
-        x = self.dropout(x.gather(1, order[..., None].expand_as(x)))
-        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        out, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=input_ids.shape[1])
-        out = self.dropout(out)
-        return torch.zeros_like(out).scatter(1, order[..., None].expand_as(out), out)
+        out, _ = run_packed(self.rnn, self.dropout(x.gather(1, order[..., None].expand_as(x))), lengths)
+        return restore_order(self.dropout(out), order)
 
     forward = hidden_states
 

@@ -5,16 +5,16 @@ the target, starting from a learned projection of the encoder's final states. At
 the decoder's output attends over the encoder outputs, and the context and that output make
 the attentional vector, which predicts the next token and is fed back with the next input
 (Luong's input feeding). The backbone has the seq2seq interface of
-:mod:`lmforge.models.transformer`.
+:class:`lmforge.models.backbone.Seq2SeqBackbone`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from lmforge.models.rnn import CELLS
+from lmforge.models.backbone import Seq2SeqBackbone
+from lmforge.models.rnn import check_cell, real_tokens_first, recurrent_layers, restore_order, run_packed
 
 
 class AdditiveAttention(nn.Module):
@@ -67,6 +67,11 @@ class DotAttention(nn.Module):
 ATTENTIONS = ("additive", "dot")
 
 
+def make_attention(attention: str, width: int) -> AdditiveAttention | DotAttention:
+    """The score of ``attention`` (one of :data:`ATTENTIONS`) between decoder states and encoder outputs, both ``width`` wide."""
+    return AdditiveAttention(width, width, width) if attention == "additive" else DotAttention(width, width)
+
+
 def attend(scores: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax of (B, S) scores over the real positions of ``mask``; returns the (B, C) context and the weights.
 
@@ -114,7 +119,7 @@ class RNNDecoderCache:
             self.feed = self.feed.index_select(0, index)
 
 
-class RNNSeq2Seq(nn.Module):
+class RNNSeq2Seq(Seq2SeqBackbone):
     """LSTM or GRU encoder-decoder with attention; one embedding table for source and target (a joint vocabulary).
 
     The decoder is as wide as the encoder's output (``hidden_size`` times the number of
@@ -134,8 +139,6 @@ class RNNSeq2Seq(nn.Module):
             layers have no table to outgrow; it is the limit other code reads and reports).
     """
 
-    kind = "seq2seq"
-
     def __init__(
         self,
         vocab_size: int,
@@ -149,8 +152,7 @@ class RNNSeq2Seq(nn.Module):
         n_positions: int = 512,
     ):
         super().__init__()
-        if cell not in CELLS:
-            raise ValueError(f"cell must be one of {', '.join(CELLS)}, not {cell!r}")
+        check_cell(cell)
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, not {attention!r}")
         self.vocab_size = vocab_size
@@ -160,36 +162,31 @@ class RNNSeq2Seq(nn.Module):
         self.embedding_size = embedding_size
         self.n_positions = n_positions
         width = hidden_size * (2 if bidirectional else 1)
-        self.hidden_size = width  # decoder width, what task heads read
-        layer_dropout = dropout if n_layer > 1 else 0.0
+        self.hidden_size = width  # the decoder's width
         self.embed = nn.Embedding(vocab_size, embedding_size)
         self.dropout = nn.Dropout(dropout)
-        rnn = CELLS[cell]
-        self.encoder = rnn(
-            embedding_size,
-            hidden_size,
-            num_layers=n_layer,
-            bidirectional=bidirectional,
-            batch_first=True,
-            dropout=layer_dropout,
-        )
+        self.encoder = recurrent_layers(cell, embedding_size, hidden_size, n_layer, bidirectional, dropout)
         # One projection per state tensor (h, and c for an LSTM), shared by the layers.
-        n_states = 2 if cell == "lstm" else 1
-        self.bridge = nn.ModuleList(nn.Linear(width, width) for _ in range(n_states))
-        # Input feeding runs the decoder a step at a time, where cells are faster than a one-step nn.LSTM/GRU.
-        # The first layer reads the token embedding and the previous attentional vector.
-        step_cell = nn.LSTMCell if cell == "lstm" else nn.GRUCell
-        self.decoder = nn.ModuleList(
-            step_cell(embedding_size + width if i == 0 else width, width) for i in range(n_layer)
-        )
-        if attention == "additive":
-            self.attention = AdditiveAttention(width, width, width)
-        else:
-            self.attention = DotAttention(width, width)
+        self.bridge = nn.ModuleList(nn.Linear(width, width) for _ in range(2 if cell == "lstm" else 1))
+        self.decoder = self._decoder_cells(cell, embedding_size, width, n_layer)
+        self.attention = make_attention(attention, width)
         self.combine = nn.Linear(2 * width, width, bias=False)
         self.out_proj = nn.Linear(width, embedding_size, bias=False)
         self.out_bias = nn.Parameter(torch.zeros(vocab_size))
         nn.init.normal_(self.embed.weight, std=0.1)
+
+    @staticmethod
+    def _decoder_cells(cell: str, embedding_size: int, width: int, n_layer: int) -> nn.ModuleList:
+        """The decoder's layers, one step cell each; the first reads the token embedding and the previous
+        attentional vector."""
+        # Input feeding runs the decoder a step at a time, where cells are faster than a one-step nn.LSTM/GRU.
+        step_cell = nn.LSTMCell if cell == "lstm" else nn.GRUCell
+        return nn.ModuleList(step_cell(embedding_size + width if i == 0 else width, width) for i in range(n_layer))
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        """The token embedding table (``embed``: source, target and, through ``out_proj``, output)."""
+        return self.embed
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Read the source.
@@ -202,25 +199,20 @@ class RNNSeq2Seq(nn.Module):
             their (B, S, A) attention keys, and the decoder's initial state, one (B, layers, hidden)
             tensor per state tensor (h, then c for an LSTM).
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        # Packing wants real tokens first: move them to the front of each row (stable, keeping
-        # their order) and the outputs back to their tokens' places afterwards.
-        order = torch.sort(1 - attention_mask.long(), dim=1, stable=True).indices
-        lengths = attention_mask.sum(1).clamp(min=1).cpu()
-        x = self.dropout(self.embed(input_ids.gather(1, order)))
-        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        packed_out, final = self.encoder(packed)
-        out, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=input_ids.shape[1])
-        outputs = torch.zeros_like(out).scatter(1, order[..., None].expand_as(out), out)
-        finals = final if isinstance(final, tuple) else (final,)
-        B = input_ids.shape[0]
+        order, lengths = real_tokens_first(input_ids, attention_mask)
+        out, final = run_packed(self.encoder, self.dropout(self.embed(input_ids.gather(1, order))), lengths)
+        outputs = restore_order(out, order)
+        return (outputs, self.attention.project_keys(outputs), *self._initial_state(final))
+
+    def _initial_state(self, final: torch.Tensor | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """The decoder's first state from the encoder's final one: per state tensor, (B, layers, hidden)."""
         initial = []
-        for state, bridge in zip(finals, self.bridge):
+        for state, bridge in zip(final if isinstance(final, tuple) else (final,), self.bridge):
+            B = state.shape[1]
             # (layers * directions, B, H) -> (B, layers, directions * H), both directions side by side
             state = state.view(self.n_layer, -1, B, state.shape[-1]).permute(2, 0, 1, 3).reshape(B, self.n_layer, -1)
             initial.append(torch.tanh(bridge(state)))
-        return (outputs, self.attention.project_keys(outputs), *initial)
+        return initial
 
     def new_cache(self) -> RNNDecoderCache:
         """An empty cache for :meth:`decode`: the decoder state, filled in by the first call."""
@@ -273,9 +265,3 @@ class RNNSeq2Seq(nn.Module):
         ``decoder_input_ids`` are only the tokens it has not seen, and it is updated.
         """
         return self.decode_with_attention(decoder_input_ids, memory, memory_mask, cache)[0]
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, decoder_input_ids: torch.Tensor
-    ) -> torch.Tensor:
-        """Teacher-forced logits (B, T, V) of the target given the whole source."""
-        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)

@@ -1,6 +1,6 @@
 """T5 (v1, the original ``t5-small`` family): an encoder-decoder with relative position buckets.
 
-Implements the seq2seq backbone interface of :mod:`lmforge.models.transformer`. The module
+Implements the seq2seq backbone interface of :class:`lmforge.models.backbone.Seq2SeqBackbone`. The module
 tree reproduces the parameter names of the public Hugging Face checkpoint (``shared``,
 ``encoder.block.0.layer.0.SelfAttention.q``, ``decoder.block.0.layer.1.EncDecAttention.o``,
 ``decoder.block.0.layer.2.DenseReluDense.wi``, ``encoder.final_layer_norm``, ``lm_head``), so its
@@ -14,7 +14,8 @@ import math
 import torch
 from torch import nn
 
-from lmforge.models.layers import Attention, BlockRunner, KVCache, LayerCache, SoftPrompt, attention_mask_for
+from lmforge.models.backbone import Seq2SeqBackbone
+from lmforge.models.layers import Attention, BlockRunner, KVCache, LayerCache, attention_mask_for, memory_keys_values
 
 # Keys of a Hugging Face T5 state dict that are other names for ``shared.weight``.
 HF_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
@@ -254,7 +255,7 @@ class T5Stack(BlockRunner, nn.Module):
         return self.dropout(self.final_layer_norm(x))
 
 
-class T5(nn.Module):
+class T5(Seq2SeqBackbone):
     """T5 v1 encoder-decoder: one embedding table for source, target and (scaled, tied) output head.
 
     Args:
@@ -274,7 +275,7 @@ class T5(nn.Module):
             position table, so this is a limit for data settings, not an architectural one.
     """
 
-    kind = "seq2seq"
+    supports_prompt = True  # read by the encoder
 
     def __init__(
         self,
@@ -310,7 +311,6 @@ class T5(nn.Module):
         self.decoder = T5Stack(n_decoder_layer or n_layer, is_decoder=True, **stack_args)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         self.lm_head.weight = self.shared.weight  # tied, as in T5 v1
-        self.prompt: SoftPrompt | None = None  # set by finetune=prompt: read by the encoder
         self._init_weights(d_model, n_head, d_kv, d_ff)
 
     def _init_weights(self, d_model: int, n_head: int, d_kv: int, d_ff: int) -> None:
@@ -331,15 +331,18 @@ class T5(nn.Module):
                 if hasattr(module, "relative_attention_bias"):
                     nn.init.normal_(module.relative_attention_bias.weight, std=d_model**-0.5)
 
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        """The token embedding table (``shared``: source, target and the tied head)."""
+        return self.shared
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S) source ids and mask -> (B, S, d_model) encoder output.
 
         A soft prompt is encoded with the source; the decoder sees the source positions only.
         """
-        if self.prompt is None:
-            return self.encoder(self.shared(input_ids), attention_mask)
-        x, mask = self.prompt.prepend(self.shared(input_ids), attention_mask)
-        return self.encoder(x, mask)[:, self.prompt.length :]
+        x, mask = self.prepend_prompt(self.shared(input_ids), attention_mask)
+        return self.drop_prompt(self.encoder(x, mask))
 
     def new_cache(self) -> KVCache:
         """An empty cache for :meth:`decode`: decoder self-attention keys/values plus the encoder's, computed once."""
@@ -357,22 +360,10 @@ class T5(nn.Module):
         With a cache, the position bias covers the new queries at ``past .. past + T`` against
         keys ``0 .. past + T``, so step-by-step decoding matches decoding the whole target.
         """
-        kv = []
-        for i, block in enumerate(self.decoder.block):
-            attention = block.layer[1].EncDecAttention
-            if cache is None:
-                kv.append(attention.keys_values(memory))
-            else:
-                if cache.cross[i] is None:
-                    cache.cross[i] = attention.keys_values(memory)
-                kv.append(cache.cross[i])
+        kv = [
+            memory_keys_values(b.layer[1].EncDecAttention, memory, cache, i) for i, b in enumerate(self.decoder.block)
+        ]
         cross_mask = None if memory_mask is None else memory_mask.bool()[:, None, None, :]
         x = self.decoder(self.shared(decoder_input_ids), None, kv, cross_mask, cache)
         # The tied head sees states rescaled by d_model**-0.5, since the embedding has unit scale.
         return self.lm_head(x * self.hidden_size**-0.5)
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, decoder_input_ids: torch.Tensor
-    ) -> torch.Tensor:
-        """Teacher-forced logits (B, T, V) of the target given the whole source."""
-        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)

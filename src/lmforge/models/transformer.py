@@ -1,14 +1,7 @@
 """The original encoder-decoder Transformer (Vaswani et al., 2017): sinusoidal positions, post-norm blocks.
 
-Every seq2seq backbone (this one, T5, the RNNs with attention) has the same interface,
-which the seq2seq task and :mod:`lmforge.generation` rely on:
-
-- ``kind = "seq2seq"``, ``vocab_size``, ``hidden_size``;
-- ``encode(input_ids, attention_mask)`` returns the encoder output ("memory": a tensor, or a
-  tuple of tensors, batch first);
-- ``decode(decoder_input_ids, memory, memory_mask, cache=None)`` returns (B, T, V) logits;
-  with a cache from ``new_cache()``, only the tokens it has not seen are passed;
-- ``forward(input_ids, attention_mask, decoder_input_ids)`` is encode then decode.
+Every seq2seq backbone (this one, T5, the RNNs with attention) has the interface of
+:class:`lmforge.models.backbone.Seq2SeqBackbone`, which the seq2seq task and :mod:`lmforge.generation` rely on.
 """
 
 from __future__ import annotations
@@ -18,7 +11,8 @@ import math
 import torch
 from torch import nn
 
-from lmforge.models.layers import Attention, BlockRunner, KVCache, attention_mask_for
+from lmforge.models.backbone import Seq2SeqBackbone
+from lmforge.models.layers import Attention, BlockRunner, KVCache, attention_mask_for, memory_keys_values
 
 
 def sinusoidal_positions(n_positions: int, d_model: int) -> torch.Tensor:
@@ -96,7 +90,7 @@ class DecoderLayer(nn.Module):
         return self.sublayers[2](x, self.ff)
 
 
-class Transformer(BlockRunner, nn.Module):
+class Transformer(BlockRunner, Seq2SeqBackbone):
     """Encoder-decoder Transformer with one embedding table shared by source, target and output (a joint vocabulary).
 
     Args:
@@ -113,8 +107,6 @@ class Transformer(BlockRunner, nn.Module):
             runs the fused kernel, not the unfused one that dropout needs: a faster step on a CPU.
         activation_dropout: dropout inside the feed-forward network (None: ``dropout``).
     """
-
-    kind = "seq2seq"
 
     def __init__(
         self,
@@ -151,6 +143,11 @@ class Transformer(BlockRunner, nn.Module):
         # Embeddings are multiplied by sqrt(d_model), so they start at unit scale after it.
         nn.init.normal_(self.embed.weight, std=d_model**-0.5)
 
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        """The token embedding table (``embed``: source, target and output)."""
+        return self.embed
+
     def _embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         end = start + ids.shape[1]
         if end > self.n_positions:
@@ -183,17 +180,6 @@ class Transformer(BlockRunner, nn.Module):
         self_mask = attention_mask_for(None, T, past + T, causal=True, device=x.device) if T > 1 else None
         cross_mask = None if memory_mask is None else memory_mask.bool()[:, None, None, :]
         for i, layer in enumerate(self.decoder):
-            if cache is None:
-                kv = layer.cross_attn.keys_values(memory)
-            else:
-                if cache.cross[i] is None:
-                    cache.cross[i] = layer.cross_attn.keys_values(memory)
-                kv = cache.cross[i]
+            kv = memory_keys_values(layer.cross_attn, memory, cache, i)
             x = self.run_block(layer, x, self_mask, kv, cross_mask, cache.layers[i] if cache is not None else None)
         return self.decoder_norm(x) @ self.embed.weight.T
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, decoder_input_ids: torch.Tensor
-    ) -> torch.Tensor:
-        """Teacher-forced logits (B, T, V) of the target given the whole source."""
-        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)

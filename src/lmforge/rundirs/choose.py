@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lmforge.distributed import RUN_DIR_VAR, RUN_ID_VAR, is_rank_zero, shared_run_name
 from lmforge.errors import LmforgeError
 from lmforge.rundirs.checkpoints import load_checkpoint, resume_checkpoint
+from lmforge.rundirs.config import saved_config
 from lmforge.rundirs.new import config_digest, make_run_dir, new_run_id
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def resumed_config(resume: str, overrides: list[str]) -> DictConfig:
     if checkpoint is None:
         raise LmforgeError(f"Cannot resume {run_dir}: it has no checkpoints/last.ckpt yet; start a new run instead.")
     load_checkpoint(checkpoint)  # a damaged file fails here, in one sentence
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = saved_config(run_dir)
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
         if "." in key or key in ("resume", "hydra") or key.startswith("hydra/"):

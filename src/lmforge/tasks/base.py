@@ -1,4 +1,5 @@
-"""What every task LightningModule shares: the optimizer set-up, train-metric logging, RNG in checkpoints."""
+"""What every task LightningModule shares: the backbone check, the optimizer set-up, metric logging, RNG in
+checkpoints."""
 
 from __future__ import annotations
 
@@ -7,14 +8,30 @@ import torch
 from torchmetrics import Metric, MetricCollection
 
 from lmforge.errors import LmforgeError
+from lmforge.models.backbone import Backbone, backbone_kind
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory, configure_optimization
 from lmforge.tasks.rng import capture_rng_state, restore_rng_state
 
 KIND_NAMES = {"encoder": "an encoder", "decoder": "a decoder", "rnn": "an RNN", "seq2seq": "an encoder-decoder"}
 
 
+def _compute_and_reset(scores: Metric | MetricCollection | dict[str, Metric]) -> dict[str, torch.Tensor]:
+    """Name -> value of every score of :meth:`TaskModule.log_epoch_scores`'s ``scores``; the metrics start over."""
+    if isinstance(scores, dict):
+        computed, metrics = {name: metric.compute() for name, metric in scores.items()}, scores.values()
+    else:
+        computed, metrics = scores.compute(), [scores]
+    for metric in metrics:
+        metric.reset()
+    return computed
+
+
 class TaskModule(pl.LightningModule):
-    """Base class of the tasks: holds the optimizer and schedule partials and implements the shared hooks.
+    """Base class of the tasks: holds the backbone, the optimizer and schedule partials, and implements the shared hooks.
+
+    A task's ``__init__`` starts with :meth:`checked_kind` (before it reads anything else) and keeps its
+    backbone with :meth:`attach_backbone`; the backbone offers what :class:`lmforge.models.backbone.Backbone`
+    declares.
 
     Args:
         optimizer: partial optimizer, called with the parameter groups.
@@ -33,11 +50,28 @@ class TaskModule(pl.LightningModule):
                 f"{cls.__name__} needs {wanted} backbone; model {model} is {KIND_NAMES.get(kind, repr(kind))}."
             )
 
+    def checked_kind(self, backbone: Backbone) -> str:
+        """The backbone's kind, once :meth:`check_backbone` has accepted it (one sentence naming the class if not)."""
+        kind = backbone_kind(backbone)
+        self.check_backbone(kind, type(backbone).__name__)
+        return kind
+
+    def attach_backbone(self, backbone: Backbone, uses_pooler: bool = False) -> None:
+        """Keep ``backbone`` as ``self.backbone``, its pooler frozen unless this task reads it.
+
+        DDP fails on a parameter that never gets a gradient (or needs ``find_unused_parameters``, a pass
+        over the graph every step), so a pooler the task does not read leaves training altogether; it
+        stays in the checkpoint, for export.
+        """
+        self.backbone = backbone
+        if backbone.pooler is not None and not uses_pooler:
+            backbone.pooler.requires_grad_(False)
+
     def __init__(self, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None):
         super().__init__()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        # Set by lmforge.compose.make_task: plain values (classes, characters per token) that rebuild the task.
+        # Set by lmforge.compose.parts.make_task: plain values (classes, characters per token) that rebuild the task.
         self.data_arguments: dict = {}
         # Set by the training run for adapter methods: where the frozen base weights come from.
         self.base_weights: dict | None = None
@@ -106,15 +140,31 @@ class TaskModule(pl.LightningModule):
             self.log("train/loss", loss, prog_bar=True)
             self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
 
-    def log_epoch_scores(self, prefix: str, loss: Metric, scores: Metric | MetricCollection) -> None:
-        """Log ``<prefix>/loss`` and every score under ``<prefix>/`` (on the bar for validation), then reset both."""
-        self.log(f"{prefix}/loss", loss.compute(), prog_bar=prefix == "val")
-        computed = {
-            name if name.startswith(f"{prefix}/") else f"{prefix}/{name}": v for name, v in scores.compute().items()
-        }
-        self.log_dict(computed, prog_bar=prefix == "val")
+    def log_epoch_scores(
+        self,
+        prefix: str,
+        loss: Metric,
+        scores: Metric | MetricCollection | dict[str, Metric] | None = None,
+        rename: dict[str, str] | None = None,
+    ) -> torch.Tensor:
+        """Log ``<prefix>/loss`` and every score under ``<prefix>/`` (on the bar for validation), reset the
+        metrics, and return the loss (for what a task derives from it: perplexity, bits per character).
+
+        Args:
+            scores: a metric whose ``compute`` gives a dict of scores (a collection, entity scores, SQuAD),
+                or name -> metric of one score each.
+            rename: score name -> the name it is logged under.
+        """
+        value = loss.compute()
         loss.reset()
-        scores.reset()
+        self.log(f"{prefix}/loss", value, prog_bar=prefix == "val")
+        if scores is not None:
+            rename = rename or {}
+            computed = {rename.get(name, name): v for name, v in _compute_and_reset(scores).items()}
+            # A collection made with clone(prefix="val/") names its scores with the prefix already.
+            scoped = {name if name.startswith(f"{prefix}/") else f"{prefix}/{name}": v for name, v in computed.items()}
+            self.log_dict(scoped, prog_bar=prefix == "val")
+        return value
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep the random generators (a resumed run draws the same numbers) and what the task knows of its data.

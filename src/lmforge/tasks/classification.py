@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from lmforge.data.tokenizers import pad_token_id
 from lmforge.errors import LmforgeError
+from lmforge.models.backbone import Backbone
 from lmforge.predictions import classification_rows
 from lmforge.tasks.base import TaskModule
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
@@ -63,7 +64,7 @@ class ClassificationTask(TaskModule):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         num_classes: int,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
@@ -73,17 +74,13 @@ class ClassificationTask(TaskModule):
         tokenizer=None,
     ):
         super().__init__(optimizer, scheduler)
-        kind = getattr(backbone, "kind", None)
-        self.check_backbone(kind, type(backbone).__name__)
+        kind = self.checked_kind(backbone)
         self.pooling = POOLINGS[kind][0] if pooling == "auto" else pooling
         if self.pooling not in POOLINGS[kind]:
             raise LmforgeError(f"pooling={pooling} does not suit a {kind}; use one of: {', '.join(POOLINGS[kind])}.")
-        self.backbone = backbone
-        # BERT classifies from its pooler (tanh(dense([CLS]))); other poolings leave the pooler out of
-        # training altogether (frozen), since DDP fails on parameters that never get a gradient.
-        self.use_pooler = self.pooling == "cls" and hasattr(backbone, "pooler")
-        if hasattr(backbone, "pooler") and not self.use_pooler:
-            backbone.pooler.requires_grad_(False)
+        # BERT classifies [CLS] through its pooler (tanh(dense([CLS]))), as it was pretrained to.
+        self.use_pooler = self.pooling == "cls" and backbone.pooler is not None
+        self.attach_backbone(backbone, uses_pooler=self.use_pooler)
         self.dropout = nn.Dropout(dropout)
         # A decoder's head has no bias, as in GPT-2's sequence classifier, so that the run exports to it.
         self.head = nn.Linear(backbone.hidden_size, num_classes, bias=kind != "decoder")

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from torchmetrics import MeanMetric
 
 from lmforge.generation import generate
+from lmforge.models.backbone import Backbone
 from lmforge.predictions import window_rows
 from lmforge.tasks.base import TaskModule
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
@@ -70,7 +71,7 @@ class LanguageModelingTask(TaskModule):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         tokenizer: Tokenizer | None = None,
@@ -84,8 +85,8 @@ class LanguageModelingTask(TaskModule):
         loss_chunk_size: int | None = None,
     ):
         super().__init__(optimizer, scheduler)
-        self.check_backbone(getattr(backbone, "kind", None), type(backbone).__name__)
-        self.backbone = backbone
+        self.checked_kind(backbone)
+        self.attach_backbone(backbone)
         self.tokenizer = tokenizer
         self.chars_per_token = chars_per_token or {}
         self.num_samples = num_samples
@@ -149,9 +150,7 @@ class LanguageModelingTask(TaskModule):
         self._evaluate(batch, batch_idx, self.test_loss)
 
     def _log_split(self, prefix: str, split: str, metric: MeanMetric) -> None:
-        loss = metric.compute()
-        metric.reset()
-        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
+        loss = self.log_epoch_scores(prefix, metric)
         self.log(f"{prefix}/ppl", torch.exp(loss))
         if split in self.chars_per_token:
             # nats per token -> bits per character

@@ -10,12 +10,12 @@ from tokenizers import Tokenizer
 from torch import nn
 from torchmetrics import MeanMetric
 
+from lmforge.data.labels import IGNORE
 from lmforge.errors import LmforgeError
+from lmforge.models.backbone import Backbone
 from lmforge.predictions import window_rows
 from lmforge.tasks.base import TaskModule
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
-
-IGNORE = -100  # label of positions that are not predicted (cross_entropy's ignore_index)
 
 
 def mask_tokens(
@@ -65,7 +65,7 @@ class MaskedLMHead(nn.Module):
         self.decoder.weight = word_embeddings.weight  # tied, as in BERT
 
     @classmethod
-    def for_backbone(cls, backbone: nn.Module) -> MaskedLMHead:
+    def for_backbone(cls, backbone: Backbone) -> MaskedLMHead:
         """A head tied to ``backbone``'s word embeddings, with its LayerNorm epsilon (as Hugging Face
         builds the head of a checkpoint with ``layer_norm_eps``)."""
         eps = next((m.eps for m in backbone.modules() if isinstance(m, nn.LayerNorm)), 1e-12)
@@ -91,7 +91,7 @@ class MaskedLanguageModelingTask(TaskModule):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         tokenizer: Tokenizer | None = None,
@@ -99,7 +99,7 @@ class MaskedLanguageModelingTask(TaskModule):
         chars_per_token: dict[str, float] | None = None,
     ):
         super().__init__(optimizer, scheduler)
-        self.check_backbone(getattr(backbone, "kind", None), type(backbone).__name__)
+        self.checked_kind(backbone)
         specials = {t: tokenizer.token_to_id(t) if tokenizer else None for t in ("[MASK]", "[CLS]", "[SEP]")}
         if None in specials.values():
             raise LmforgeError(
@@ -109,9 +109,7 @@ class MaskedLanguageModelingTask(TaskModule):
         self.vocab_size = tokenizer.get_vocab_size()
         self.tokenizer = tokenizer  # decodes the windows of prediction files
         self.mask_probability = mask_probability
-        self.backbone = backbone
-        if hasattr(backbone, "pooler"):  # BERT's pooler serves classification only; DDP fails on unused parameters
-            backbone.pooler.requires_grad_(False)
+        self.attach_backbone(backbone)
         self.head = MaskedLMHead.for_backbone(backbone)
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
@@ -170,12 +168,8 @@ class MaskedLanguageModelingTask(TaskModule):
         self._evaluate(batch, batch_idx, self.test_loss, self.test_acc)
 
     def _log_scores(self, prefix: str, loss_metric: MeanMetric, acc_metric: MeanMetric) -> None:
-        loss = loss_metric.compute()
-        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
+        loss = self.log_epoch_scores(prefix, loss_metric, {"acc": acc_metric})
         self.log(f"{prefix}/ppl", torch.exp(loss) if loss < 50 else torch.tensor(math.inf))
-        self.log(f"{prefix}/acc", acc_metric.compute(), prog_bar=prefix == "val")
-        loss_metric.reset()
-        acc_metric.reset()
 
     def on_validation_epoch_end(self) -> None:
         """Log masked-token loss, perplexity and accuracy."""

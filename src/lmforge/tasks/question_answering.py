@@ -8,7 +8,6 @@ mapped back to the context's characters through the tokenizer's offsets.
 
 from __future__ import annotations
 
-import inspect
 import logging
 
 import torch
@@ -17,9 +16,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import SQuAD
 
-from lmforge.data.squad import QuestionWindows, collate_questions, encode_questions
+from lmforge.data.question_answering import QuestionWindows, collate_questions, encode_questions
 from lmforge.data.tokenizers import pad_token_id
 from lmforge.errors import LmforgeError
+from lmforge.models.backbone import Backbone
 from lmforge.predictions import question_answering_rows
 from lmforge.tasks.base import TaskModule
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
@@ -107,7 +107,7 @@ class QuestionAnsweringTask(TaskModule):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         dropout: float = 0.1,
@@ -119,22 +119,18 @@ class QuestionAnsweringTask(TaskModule):
         tokenizer=None,
     ):
         super().__init__(optimizer, scheduler)
-        kind = getattr(backbone, "kind", None)
-        self.check_backbone(kind, type(backbone).__name__)
-        if kind == "decoder":
+        if self.checked_kind(backbone) == "decoder":
             log.info(
                 "question answering with a decoder: each context token sees only the tokens before it (left context)"
             )
-        self.backbone = backbone
-        if hasattr(backbone, "pooler"):  # unused here; DDP fails on parameters without gradients
-            backbone.pooler.requires_grad_(False)
-        self.takes_segments = "token_type_ids" in inspect.signature(backbone.hidden_states).parameters
+        self.attach_backbone(backbone)
+        self.takes_segments = backbone.takes_token_type_ids
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(backbone.hidden_size, 2)
         self.max_answer_length = max_answer_length
         self.n_best = n_best
         self.window = {"max_length": max_length, "stride": stride, "max_question_length": max_question_length}
-        n_positions = getattr(backbone, "n_positions", None)
+        n_positions = backbone.n_positions
         if n_positions and max_length > n_positions:
             raise LmforgeError(
                 f"task.data.max_length={max_length} is longer than the model's n_positions={n_positions}."
@@ -189,20 +185,11 @@ class QuestionAnsweringTask(TaskModule):
 
     def on_validation_epoch_end(self) -> None:
         """Log validation loss, exact match (``val/em``) and F1 (``val/f1``), in percent."""
-        self._log_scores("val", self.val_loss, self.val_scores)
+        self.log_epoch_scores("val", self.val_loss, self.val_scores, rename={"exact_match": "em"})
 
     def on_test_epoch_end(self) -> None:
         """Log test loss, exact match and F1, in percent."""
-        self._log_scores("test", self.test_loss, self.test_scores)
-
-    def _log_scores(self, prefix: str, loss: MeanMetric, scores: SQuAD) -> None:
-        computed = scores.compute()
-        self.log(f"{prefix}/loss", loss.compute(), prog_bar=prefix == "val")
-        self.log_dict(
-            {f"{prefix}/em": computed["exact_match"], f"{prefix}/f1": computed["f1"]}, prog_bar=prefix == "val"
-        )
-        loss.reset()
-        scores.reset()
+        self.log_epoch_scores("test", self.test_loss, self.test_scores, rename={"exact_match": "em"})
 
     # lmforge-predict reads these fields of each input (question="..." context="..." or a JSON line).
     predict_fields = ("question", "context")

@@ -12,41 +12,22 @@ import logging
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
-from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from torchmetrics import MeanMetric
 
-from lmforge.data.seq2seq import IGNORE
+from lmforge.data.labels import IGNORE
 from lmforge.data.tokenizers import eos_token_id, pad_token_id
 from lmforge.errors import LmforgeError
 from lmforge.generation import generate
+from lmforge.models.backbone import Backbone
 from lmforge.predictions import seq2seq_rows
 from lmforge.tasks.base import TaskModule
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
+from lmforge.tasks.text_metrics import text_scores
 
 log = logging.getLogger(__name__)
 
 METRICS = ("bleu", "chrf", "rouge")
-
-
-def text_scores(hypotheses: list[str], references: list[str], metrics: tuple[str, ...]) -> dict[str, float]:
-    """Corpus scores of generated texts against one reference each, in percent.
-
-    ``bleu`` and ``chrf`` come from sacreBLEU (its default 13a tokenization of detokenized
-    text); ``rouge`` gives ``rouge1``, ``rouge2`` and ``rougeL`` F-measures from torchmetrics.
-    """
-    import sacrebleu
-    from torchmetrics.functional.text.rouge import rouge_score
-
-    scores = {}
-    if "bleu" in metrics:
-        scores["bleu"] = sacrebleu.corpus_bleu(hypotheses, [references]).score
-    if "chrf" in metrics:
-        scores["chrf"] = sacrebleu.corpus_chrf(hypotheses, [references]).score
-    if "rouge" in metrics:
-        rouge = rouge_score(hypotheses, references, rouge_keys=("rouge1", "rouge2", "rougeL"))
-        scores.update({key: 100 * float(rouge[f"{key}_fmeasure"]) for key in ("rouge1", "rouge2", "rougeL")})
-    return scores
 
 
 class Seq2SeqTask(TaskModule):
@@ -76,7 +57,7 @@ class Seq2SeqTask(TaskModule):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         tokenizer: Tokenizer | None = None,
@@ -91,7 +72,7 @@ class Seq2SeqTask(TaskModule):
         show_examples: int = 2,
     ):
         super().__init__(optimizer, scheduler)
-        self.check_backbone(getattr(backbone, "kind", None), type(backbone).__name__)
+        kind = self.checked_kind(backbone)
         unknown = set(metrics) - set(METRICS)
         if unknown:
             raise LmforgeError(
@@ -99,8 +80,8 @@ class Seq2SeqTask(TaskModule):
             )
         if tokenizer is None:
             raise LmforgeError("Seq2SeqTask needs the run's tokenizer to turn generated ids into text.")
-        self.backbone = backbone
-        self.prefix_lm = backbone.kind == "decoder"
+        self.attach_backbone(backbone)
+        self.prefix_lm = kind == "decoder"
         self.tokenizer = tokenizer
         self.eos_id = eos_token_id(tokenizer)
         self.pad_id = pad_token_id(tokenizer)
@@ -224,8 +205,7 @@ class Seq2SeqTask(TaskModule):
         self._evaluate(batch, batch_idx, self.test_loss, self.num_beams, None)
 
     def _log_scores(self, prefix: str, loss_metric: MeanMetric) -> None:
-        self.log(f"{prefix}/loss", loss_metric.compute(), prog_bar=prefix == "val")
-        loss_metric.reset()
+        self.log_epoch_scores(prefix, loss_metric)
         generated, self._generated = self._generated, []
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered = [None] * torch.distributed.get_world_size()

@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lmforge.data.token_classification import IGNORE, collate_tagged, encode_sentences
+from lmforge.data.labels import IGNORE
+from lmforge.data.token_classification import collate_tagged, encode_sentences
 from lmforge.data.tokenizers import pad_token_id
 from lmforge.errors import LmforgeError
+from lmforge.models.backbone import Backbone
 from lmforge.models.char_features import CharFeatures
 from lmforge.models.crf import LinearChainCRF
 from lmforge.predictions import tagging_rows
@@ -86,7 +88,7 @@ class TokenClassificationTask(TaskModule):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         num_tags: int,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
@@ -101,26 +103,14 @@ class TokenClassificationTask(TaskModule):
         tokenizer=None,
     ):
         super().__init__(optimizer, scheduler)
-        kind = getattr(backbone, "kind", None)
-        self.check_backbone(kind, type(backbone).__name__)
-        if (char_filters or casing_size) and kind != "rnn":
-            raise LmforgeError(
-                f"Character and casing features (task.module.char_filters, casing_size) feed an RNN's word "
-                f"embeddings; {type(backbone).__name__} is '{kind}', so set them to 0 or use model=lstm."
-            )
+        kind = self.checked_kind(backbone)
+        self._check_inputs(backbone, kind, char_filters or casing_size, word_dropout, tokenizer)
         self.word_dropout = word_dropout
         self.max_token_chars = max_token_chars
         self.unk_id = unknown_token_id(tokenizer) if tokenizer is not None else None
-        if word_dropout and self.unk_id is None:
-            raise LmforgeError(
-                "task.module.word_dropout replaces words by the unknown token, and this tokenizer has none; "
-                "set it to 0."
-            )
         if kind == "decoder":
             log.info("token classification with a decoder: each word is tagged from the words before it only")
-        self.backbone = backbone
-        if hasattr(backbone, "pooler"):  # BERT's pooler serves sentence classification; DDP fails on unused parameters
-            backbone.pooler.requires_grad_(False)
+        self.attach_backbone(backbone)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(backbone.hidden_size, num_tags)
         self.crf = LinearChainCRF(num_tags) if crf else None
@@ -135,6 +125,20 @@ class TokenClassificationTask(TaskModule):
         self.test_scores = EntityScores(self.tag_names)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+
+    @staticmethod
+    def _check_inputs(backbone: Backbone, kind: str, spelling: bool, word_dropout: float, tokenizer) -> None:
+        """Refuse, in one sentence, spelling features without an RNN and word dropout without an unknown token."""
+        if spelling and kind != "rnn":
+            raise LmforgeError(
+                f"Character and casing features (task.module.char_filters, casing_size) feed an RNN's word "
+                f"embeddings; {type(backbone).__name__} is '{kind}', so set them to 0 or use model=lstm."
+            )
+        if word_dropout and (tokenizer is None or unknown_token_id(tokenizer) is None):
+            raise LmforgeError(
+                "task.module.word_dropout replaces words by the unknown token, and this tokenizer has none; "
+                "set it to 0."
+            )
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, char_ids: torch.Tensor | None = None
@@ -190,7 +194,7 @@ class TokenClassificationTask(TaskModule):
         tags: list[list[str]] = [[] for _ in texts]
         filled = [i for i, words in enumerate(sentences) if words]  # an empty text has nothing to tag
         if filled:
-            n_positions = getattr(self.backbone, "n_positions", None)
+            n_positions = self.backbone.n_positions
             examples = encode_sentences(
                 tokenizer,
                 [sentences[i] for i in filled],
