@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from conftest import DATA_DIR, entry_cfg, make_cfg, requires_data
-from lmforge.data.tagging import TaggedSentences, read_conll
-from lmforge.data.token_classification import IGNORE, TokenClassificationDataModule
+from lmforge.data.token_classification import IGNORE, TaggedSentences, TokenClassificationDataModule, read_conll
 from lmforge.data.tokenizers import word_tokenizer, wordpiece_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.inference import predict_from_run

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.functional.text.rouge import rouge_score
 
 from conftest import DATA_DIR, entry_cfg, requires_data
-from lmforge.data.tagging import read_conll
+from lmforge.data.token_classification import read_conll
 from lmforge.inference import evaluate_run
 from lmforge.predictions import PredictionWriter
 from lmforge.training import run_training

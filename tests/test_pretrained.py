@@ -18,7 +18,8 @@ from lmforge.compose.parts import build_backbone
 from lmforge.data.tokenizers import gpt2_tokenizer, wordpiece_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.hub.pretrained import resolve_pretrained
-from lmforge.models.pretrained import FAMILIES, backbone_kwargs, field_rule, import_state
+from lmforge.models.hf_config_fields import field_rule
+from lmforge.models.pretrained import FAMILIES, backbone_kwargs, import_state
 from lmforge.tasks.masked_lm import MaskedLMHead
 
 transformers = pytest.importorskip("transformers")
@@ -205,7 +206,7 @@ def test_a_hub_id_fetches_config_one_weights_format_and_tokenizer(cfg_factory, t
     assert weights.model_overrides()["n_layer"] == 1 and weights.source == str(folder)
 
 
-# Config fields: every field of transformers' configs is honoured, refused or inert (models/pretrained.py CONFIG_FIELDS).
+# Config fields: every field of transformers' configs is honoured, refused or inert (models/hf_config_fields.py CONFIG_FIELDS).
 
 CONFIG_CLASSES = {"gpt2": "GPT2Config", "bert": "BertConfig", "t5": "T5Config"}
 
@@ -223,7 +224,7 @@ def test_every_transformers_config_field_is_classified(model_type):
         except KeyError:
             unclassified.append(key)
     assert not unclassified, (
-        f"{config_class.__name__} fields missing from CONFIG_FIELDS in models/pretrained.py: {unclassified}"
+        f"{config_class.__name__} fields missing from CONFIG_FIELDS in models/hf_config_fields.py: {unclassified}"
     )
     for key, parameter in inspect.signature(config_class.__init__).parameters.items():
         rule = field_rule(model_type, key) if key in fields else None

@@ -10,8 +10,7 @@ from hydra.utils import instantiate
 
 from conftest import DATA_DIR, entry_cfg, requires_data
 from lmforge.compose.parts import build_data, check_pairing
-from lmforge.data.parallel import ParallelTexts
-from lmforge.data.seq2seq import IGNORE, Seq2SeqDataModule
+from lmforge.data.seq2seq import IGNORE, ParallelTexts, Seq2SeqDataModule
 from lmforge.data.tokenizers import EOS, bpe_tokenizer, char_tokenizer, eos_token_id
 from lmforge.errors import LmforgeError
 from lmforge.inference import evaluate_run, generate_from_run

@@ -21,6 +21,7 @@ from torch import nn
 from lmforge.data.tokenizers import gpt2_tokenizer, load_tokenizer, wordpiece_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.hub.network import hub_reachable
+from lmforge.models.hf_config_fields import unclassified_fields
 from lmforge.models.pretrained import (
     Family,
     backbone_kwargs,
@@ -29,7 +30,6 @@ from lmforge.models.pretrained import (
     head_kind,
     import_state,
     read_hf_folder,
-    unclassified_fields,
 )
 from lmforge.rundirs.checkpoints import group_names
 
@@ -174,7 +174,7 @@ def resolve_pretrained(model_cfg: DictConfig, data_dir: str | None) -> Pretraine
             f"backbone; pick the model config of that family."
         )
     state, unused = import_state(family, hf_state)
-    unknown = unclassified_fields(family, config)
+    unknown = unclassified_fields(family.model_type, config)
     if unknown:  # lmforge cannot vouch for what they do
         log.warning("%s: config.json fields lmforge does not know, ignored: %s", folder, ", ".join(unknown))
     return PretrainedWeights(str(folder), family, config, state, unused, _folder_tokenizer(folder))

@@ -12,6 +12,8 @@ MOVED_TARGETS = {
     "lmforge.data.datamodules.LanguageModelingDataModule": "lmforge.data.language_modeling.LanguageModelingDataModule",
     "lmforge.data.sources.LabeledTexts": "lmforge.data.classification.LabeledTexts",
     "lmforge.data.squad.QuestionAnsweringDataModule": "lmforge.data.question_answering.QuestionAnsweringDataModule",
+    "lmforge.data.tagging.TaggedSentences": "lmforge.data.token_classification.TaggedSentences",
+    "lmforge.data.parallel.ParallelTexts": "lmforge.data.seq2seq.ParallelTexts",
 }
 
 
