@@ -124,6 +124,23 @@ class TaskModule(pl.LightningModule):
             torch._foreach_mul_(grads, scale)
         self.log_train(loss_sum / items)
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as ``trainer.gradient_clip_val`` says; under FSDP by the norm over all shards.
+
+        Lightning's FSDP precision refuses clipping by norm: a local ``clip_grad_norm_`` would see one
+        shard's norm. The root FSDP module's own ``clip_grad_norm_`` reduces over the shards.
+        """
+        fsdp = isinstance(self.trainer.strategy, pl.strategies.FSDPStrategy)
+        if fsdp and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over the DDP ranks (in place), or itself in a single process."""
         if self.trainer.world_size > 1:
