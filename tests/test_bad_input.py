@@ -42,6 +42,8 @@ CASES = [
     ("wrong-type-generate", ["generate", "run={run}", "max_new_tokens=many"], {}, r"^max_new_tokens=many is not valid: .* takes a number"),
     ("override-syntax", ["train", "model.n_layer=[1"], {}, r"^Cannot parse an override \(.*\[1'\); see https://hydra\.cc"),
     ("trainer-refuses-value", ["train", "trainer.precision=bogus"], {}, r"^The trainer cannot be built from trainer\.\*: Precision 'bogus' is invalid"),
+    ("moved-target", ["train", "model=transformer", "task=multi30k", "task.source._target_=lmforge.data.parallel.ParallelTexts"], {}, r"^task\.source\._target_: lmforge\.data\.parallel\.ParallelTexts has moved to lmforge\.data\.seq2seq\.ParallelTexts; update the config that names it\.$"),
+    ("unknown-target", ["train", "task.module._target_=lmforge.tasks.nowhere.Task"], {}, r"^task\.module\._target_: there is no lmforge\.tasks\.nowhere\.Task to import; check its module and class name\.$"),
     ("impossible-pair", ["train", "model=lstm", "task=mlm"], {}, r"needs an encoder backbone; model lstm is an RNN; models that can: bert-base, bert-mini, bert-tiny\.$"),
     ("chunked-loss-compiled", ["train", "compile=true", "task.module.loss_chunk_size=64"], {}, r"^task\.module\.loss_chunk_size cannot be used with compile=true: .*compiled forward\.$"),
     ("checkpointing-an-rnn", ["train", "model=lstm", "task=text-classification", "task.data.path={data}/reviews.csv", "activation_checkpointing=true"], {}, r"^activation_checkpointing=true needs a transformer backbone; lstm has no blocks to checkpoint\.$"),

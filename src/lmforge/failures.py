@@ -12,6 +12,7 @@ from omegaconf import DictConfig, ListConfig
 
 from lmforge.errors import sentence
 from lmforge.overrides import value_override_keys
+from lmforge.rundirs.config import MOVED_TARGETS
 
 # Where a frame's file lies -> the config group that sets up that code; the first match counts.
 AREAS = (
@@ -48,7 +49,9 @@ def failure_sentence(err: BaseException, cfg: Any = None, overrides: list[str] =
     cause = err
     while cause.__cause__ is not None and type(cause).__name__ == "InstantiationException":
         cause = cause.__cause__
-    where = _key_of_target(cfg, _failed_target(err)) or _group_of_frames(err) or "the run"
+    if missing := _missing_target_sentence(err, cfg):
+        return missing
+    where = _key_of_target(cfg, failed_target(err)) or _group_of_frames(err) or "the run"
     lines = [line for line in str(cause).splitlines() if line.strip()]
     first = lines[0].strip().rstrip(".") if lines else ""
     what = f"{type(cause).__name__}: {first}" if first else type(cause).__name__
@@ -60,13 +63,29 @@ def failure_sentence(err: BaseException, cfg: Any = None, overrides: list[str] =
     return sentence(f"{where}: {what} (HYDRA_FULL_ERROR=1 shows the traceback{suspects})")
 
 
-def _failed_target(err: BaseException) -> str | None:
-    """The ``_target_`` that Hydra failed to call, from its message (``Error in call to target 'x.Y'``)."""
+# How Hydra words a ``_target_`` it could not import (through ``instantiate``, through ``get_class``),
+# and one it imported but whose call raised.
+LOCATING = ("Error locating target '", "Error loading '")
+CALLING = "Error in call to target '"
+
+
+def failed_target(err: BaseException) -> str | None:
+    """The ``_target_`` that Hydra failed to import or call, from its message (``... target 'x.Y'``)."""
     text = str(err)
-    marker = "Error in call to target '"
-    if marker in text:
-        return text.split(marker, 1)[1].split("'", 1)[0]
-    return None
+    marker = next((m for m in (*LOCATING, CALLING) if m in text), None)
+    return text.split(marker, 1)[1].split("'", 1)[0] if marker else None
+
+
+def _missing_target_sentence(err: BaseException, cfg: Any) -> str | None:
+    """For a ``_target_`` that does not import: the key naming it, and where the class went if it moved."""
+    if not any(marker in str(err) for marker in LOCATING):
+        return None
+    target = failed_target(err)
+    key = _key_of_target(cfg, target)
+    where = f"{key}._target_" if key else "_target_"
+    if target in MOVED_TARGETS:
+        return f"{where}: {target} has moved to {MOVED_TARGETS[target]}; update the config that names it."
+    return f"{where}: there is no {target} to import; check its module and class name."
 
 
 def _key_of_target(cfg: Any, target: str | None, prefix: str = "") -> str | None:

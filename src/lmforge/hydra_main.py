@@ -12,7 +12,7 @@ from typing import Any
 
 from lmforge.config_dirs import CONF_DIR, use_user_config_dirs
 from lmforge.errors import LmforgeError
-from lmforge.failures import hydra_error_sentence, job_failure_sentence
+from lmforge.failures import failed_target, hydra_error_sentence, job_failure_sentence
 from lmforge.overrides import check_group_choices, check_job_overrides, quote_free_text
 
 
@@ -76,7 +76,7 @@ def hydra_main(task_function: Callable[[Any], Any], config_name: str) -> None:
             except LmforgeError as err:
                 fail(err)
             except (HydraException, OmegaConfBaseException) as err:  # an interpolation, a target that fails
-                target_failed = "Error in call to target" in str(err)
+                target_failed = failed_target(err) is not None
                 fail(LmforgeError(job_failure_sentence(err, cfg) if target_failed else hydra_error_sentence(err)))
             except Exception as err:  # anything else a value of the config set off, deep in a library
                 if full_error == "1":
