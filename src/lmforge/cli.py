@@ -101,6 +101,18 @@ def predict() -> None:
     _run_command("predict", "lmforge.inference:predict_from_run")
 
 
+def serve() -> None:
+    """Serve a run over an OpenAI-compatible HTTP API: ``lmforge-serve run=<run dir> port=8000``.
+
+    Language models and seq2seq runs answer ``/v1/completions`` and ``/v1/chat/completions``;
+    classifiers, taggers and question answering runs ``/v1/classify``, ``/v1/tag`` and
+    ``/v1/answer``; ``model.pretrained=<folder>`` serves a Hugging Face GPT-2, T5 (generation) or
+    BERT (``/v1/embeddings``) folder. Options: host, port, device, precision, max_batch_size,
+    max_tokens, request_timeout_s, api_key (or LMFORGE_API_KEY); see conf/serve.yaml.
+    """
+    _run_command("serve", "lmforge.serve.server:serve")
+
+
 def export() -> None:
     """Write a run as a Hugging Face model folder: ``lmforge-export run=<run dir> out=<folder>``.
 

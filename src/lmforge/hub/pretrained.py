@@ -116,7 +116,7 @@ def _download(hub_id: str) -> Path:
         raise LmforgeError(f"Cannot fetch {hub_id} from the Hugging Face hub ({type(err).__name__}).") from err
 
 
-def _folder_tokenizer(folder: Path) -> Tokenizer | None:
+def folder_tokenizer(folder: Path) -> Tokenizer | None:
     """The tokenizer a checkpoint folder ships: tokenizer.json, a BERT vocab.txt, or GPT-2's vocab.json + merges.txt."""
     if (folder / "tokenizer.json").is_file():
         return load_tokenizer(folder / "tokenizer.json")
@@ -177,4 +177,4 @@ def resolve_pretrained(model_cfg: DictConfig, data_dir: str | None) -> Pretraine
     unknown = unclassified_fields(family.model_type, config)
     if unknown:  # lmforge cannot vouch for what they do
         log.warning("%s: config.json fields lmforge does not know, ignored: %s", folder, ", ".join(unknown))
-    return PretrainedWeights(str(folder), family, config, state, unused, _folder_tokenizer(folder))
+    return PretrainedWeights(str(folder), family, config, state, unused, folder_tokenizer(folder))
