@@ -17,9 +17,12 @@ A suite (``conf/suite/<name>.yaml``) names its runs and the overrides of ``train
       bert-mini: ["@transformer", model=bert-mini]
       mlm: {overrides: [task=mlm], report: false}      # a run others start from, not a table row
       mlm-then-sst2: ["@transformer", "init_from={run:mlm}"]  # the run dir of `mlm` at the same seed
+    task: sst2                # the task whose splits and metric code the baselines use
+    baselines:                # rows computed without training (experiments/baselines.py), shown first
+      majority: {method: majority}
 
 Running the same command again skips every (run, seed) that has a record with the same overrides,
-so a suite that was stopped continues where it was.
+and every baseline recorded with the same method, so a suite that was stopped continues where it was.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lmforge.errors import LmforgeError
+from lmforge.experiments.baselines import SuiteBaseline, parse_baselines, run_baselines
 from lmforge.experiments.report import RESULTS_FILE, SUITE_FILE, read_records, write_report
 from lmforge.tracking import append_result, csv_history, logged_values
 
@@ -76,6 +80,8 @@ class Suite:
     curve: str | None = None
     columns: list[str] = field(default_factory=list)
     notes: str = ""
+    task: str | None = None
+    baselines: list[SuiteBaseline] = field(default_factory=list)
 
     def meta(self) -> dict[str, Any]:
         """What the report needs besides the records (written to ``suite.json``)."""
@@ -88,6 +94,7 @@ class Suite:
             "columns": list(self.columns),
             "notes": self.notes,
             "runs": [r.name for r in self.runs if r.report],
+            "baselines": [b.name for b in self.baselines],
         }
 
 
@@ -116,6 +123,8 @@ def load_suite(cfg: DictConfig) -> Suite:
     mode = str(cfg.get("mode") or "min")
     if mode not in ("min", "max"):
         raise LmforgeError(f"Suite {name}: mode must be min or max, not {mode}.")
+    task = str(cfg.task) if cfg.get("task") else None
+    baselines = parse_baselines(_plain(cfg.get("baselines")), task, name, [r.name for r in runs])
     return Suite(
         name=name,
         title=str(cfg.get("title") or name),
@@ -126,6 +135,8 @@ def load_suite(cfg: DictConfig) -> Suite:
         curve=cfg.get("curve"),
         columns=[str(c) for c in cfg.get("columns") or []],
         notes=str(cfg.get("notes") or "").strip(),
+        task=task,
+        baselines=baselines,
     )
 
 
@@ -153,15 +164,17 @@ def _expand(overrides: list[Any], groups: dict[str, list[Any]], where: str, seen
 
 def selected_runs(suite: Suite, only: list[str] | None) -> list[SuiteRun]:
     """The runs to train: those ``only`` names (shell patterns such as ``gpt2-tiny-*``; all without it)
-    and the runs they start from."""
+    and the runs they start from. A pattern may name baselines instead (:func:`selected_baselines`)."""
     if not only:
         return suite.runs
     by_name = {r.name: r for r in suite.runs}
+    baselines = [b.name for b in suite.baselines]
     pending: list[str] = []
     for pattern in only:
         matched = fnmatch.filter(by_name, pattern)
-        if not matched:
-            raise LmforgeError(f"Suite {suite.name} has no run matching {pattern}; its runs are {', '.join(by_name)}.")
+        if not matched and not fnmatch.filter(baselines, pattern):
+            names = ", ".join(by_name) + (f"; its baselines are {', '.join(baselines)}" if baselines else "")
+            raise LmforgeError(f"Suite {suite.name} has no run matching {pattern}; its runs are {names}.")
         pending += matched
     wanted: set[str] = set()
     while pending:
@@ -170,6 +183,13 @@ def selected_runs(suite: Suite, only: list[str] | None) -> list[SuiteRun]:
             wanted.add(name)
             pending += by_name[name].needs
     return [r for r in suite.runs if r.name in wanted]
+
+
+def selected_baselines(suite: Suite, only: list[str] | None) -> list[SuiteBaseline]:
+    """The baselines to compute: those ``only`` names or matches (all without it)."""
+    if not only:
+        return suite.baselines
+    return [b for b in suite.baselines if any(fnmatch.fnmatch(b.name, pattern) for pattern in only)]
 
 
 def run_overrides(run: SuiteRun, seed: int, run_dirs: dict[str, str]) -> list[str]:
@@ -183,7 +203,8 @@ def train_command(overrides: list[str]) -> list[str]:
 
 
 def run_suite(cfg: DictConfig) -> Path:
-    """Train every (run, seed) of ``cfg.suite`` that has no record yet, then write the report.
+    """Compute the baselines of ``cfg.suite`` and train every (run, seed) that has no record yet, then
+    write the report.
 
     Returns:
         the report folder (``cfg.out``).
@@ -198,10 +219,12 @@ def run_suite(cfg: DictConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / SUITE_FILE).write_text(json.dumps(suite.meta(), indent=2) + "\n", encoding="utf-8")
     seeds = _as_list(cfg.get("seeds"), int, "seeds", "integers") or suite.seeds
-    runs = selected_runs(suite, _as_list(cfg.get("only"), str, "only", "run names"))
+    only = _as_list(cfg.get("only"), str, "only", "run names")
+    runs = selected_runs(suite, only)
     extra = [str(o) for o in cfg.get("extra") or []]
+    # Baselines first: seconds each, and a trained row is read against them.
+    failed = [f"baseline {name}" for name in run_baselines(suite, selected_baselines(suite, only), out, cfg.rerun)]
     done = {(r["run"], r["seed"]): r for r in read_records(out)}
-    failed: list[str] = []
     for seed in seeds:
         run_dirs: dict[str, str] = {}
         for run in runs:
@@ -223,7 +246,9 @@ def run_suite(cfg: DictConfig) -> Path:
     report = write_report(out)
     log.info("report: %s", report)
     if failed:
-        raise LmforgeError(f"{len(failed)} run(s) failed: {', '.join(failed)}; their logs are in {out / 'logs'}.")
+        raise LmforgeError(
+            f"{len(failed)} run(s) failed: {', '.join(failed)}; see the log above and the run logs in {out / 'logs'}."
+        )
     return out
 
 

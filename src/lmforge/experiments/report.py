@@ -1,6 +1,7 @@
 """A benchmark suite's report, rendered from its ``results.jsonl`` alone (no training):
-``report.md`` (mean ± std over seeds, wall time, tokens/s, parameters, then every seed),
-``curves.png`` (the validation curve of each run) and ``metric_vs_time.png``.
+``report.md`` (the baseline rows first, then mean ± std over seeds, wall time, tokens/s, parameters,
+then every seed), ``curves.png`` (the validation curve of each run) and ``metric_vs_time.png`` (where
+the baselines are horizontal lines).
 
     lmforge-report outputs/benchmarks/shakespeare
     lmforge-report benchmarks/suites/* --results-md benchmarks/RESULTS.md   # also rewrite each suite's section there
@@ -22,6 +23,13 @@ RESULTS_FILE = "results.jsonl"  # one record per (run, seed), appended as runs f
 SUITE_FILE = "suite.json"  # the suite as it was declared
 CURVES_PNG = "curves.png"
 TIME_PNG = "metric_vs_time.png"
+BASELINE = "baseline"  # the ``kind`` of a baseline row's record: no training, so no seed, steps, time or parameters
+NOT_APPLICABLE = "—"
+
+
+def is_baseline(record: dict[str, Any]) -> bool:
+    """Whether a record is a baseline row (experiments/baselines.py) rather than a trained run."""
+    return record.get("kind") == BASELINE
 
 
 def read_records(out: Path) -> list[dict[str, Any]]:
@@ -33,15 +41,23 @@ def read_records(out: Path) -> list[dict[str, Any]]:
 
 
 def read_suite(out: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A report folder's suite description and its latest record per (run, seed), in declared run order."""
+    """A report folder's suite description and its latest record per (run, seed): the baselines first,
+    then the runs, each in declared order."""
     out = Path(out)
     if not (out / SUITE_FILE).is_file():
         raise LmforgeError(f"{out} is not a benchmark report folder (no {SUITE_FILE}; lmforge-benchmark writes one).")
     meta = json.loads((out / SUITE_FILE).read_text(encoding="utf-8"))
     latest = {(r["run"], r["seed"]): r for r in read_records(out) if r.get("report", True)}
-    order = {name: i for i, name in enumerate(meta["runs"])}
-    records = sorted(latest.values(), key=lambda r: (order.get(r["run"], len(order)), r["seed"]))
+    order = {name: i for i, name in enumerate([*meta.get("baselines", []), *meta["runs"]])}
+    records = sorted(
+        latest.values(), key=lambda r: (not is_baseline(r), order.get(r["run"], len(order)), r["seed"] or 0)
+    )
     return meta, records
+
+
+def trained(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of trained runs (not baselines)."""
+    return [r for r in records if not is_baseline(r)]
 
 
 # Columns a suite may name besides metrics: fields of the records, and what is derived from them.
@@ -107,6 +123,15 @@ def summary_table(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
               "steps", "wall time (min)", "tokens/s", "parameters", "trainable"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, runs in by_run(records).items():
+        if is_baseline(runs[0]):
+            values = [value(runs[0], c) for c in columns]  # a record field (ms/step) has none: not applicable
+            cells = [
+                f"{name} (baseline)",
+                NOT_APPLICABLE,
+                *(number(v) if v is not None else NOT_APPLICABLE for v in values),
+            ]
+            lines.append("| " + " | ".join([*cells, *[NOT_APPLICABLE] * 5]) + " |")  # nothing trained
+            continue
         cells = [name, str(len(runs))]
         cells += [_mean_cell([v for r in runs if (v := value(r, c)) is not None]) for c in columns]
         tokens = [r["tokens_per_s"] for r in runs if r.get("tokens_per_s")]
@@ -122,11 +147,11 @@ def summary_table(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
 
 
 def seeds_table(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
-    """Every (run, seed) record: its metrics, steps, wall time and tokens/s."""
+    """Every (run, seed) record of a trained run: its metrics, steps, wall time and tokens/s."""
     columns = _columns(meta)
     header = ["run", "seed", *(RECORD_COLUMNS.get(c, c) for c in columns), "steps", "wall time (min)", "tokens/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in records:
+    for r in trained(records):
         cells = [r["run"], str(r["seed"]), *(number(value(r, c)) for c in columns)]
         cells += [_count(r["steps"]), _minutes(r["wall_time_s"] / 60), _count(r.get("tokens_per_s"))]
         lines.append("| " + " | ".join(cells) + " |")
@@ -154,9 +179,10 @@ def machine_line(records: list[dict[str, Any]]) -> str:
 
 
 def plot_curves(meta: dict[str, Any], records: list[dict[str, Any]], png: Path) -> Path | None:
-    """The suite's validation curve against step: one line per run (the mean of its seeds where steps match)."""
+    """The suite's validation curve against step: one line per run (the mean of its seeds where steps match),
+    a horizontal line per baseline."""
     key = meta.get("curve")
-    runs = {n: rs for n, rs in by_run(records).items() if any(r["curves"].get(key) for r in rs)} if key else {}
+    runs = {n: rs for n, rs in by_run(trained(records)).items() if any(r["curves"].get(key) for r in rs)} if key else {}
     if not runs:
         return None
     plt, fig, ax = _figure()
@@ -167,13 +193,15 @@ def plot_curves(meta: dict[str, Any], records: list[dict[str, Any]], png: Path) 
                 per_step[int(step)].append(point)
         steps = sorted(per_step)
         ax.plot(steps, [statistics.fmean(per_step[s]) for s in steps], marker="o", markersize=3, label=name)
+    _baseline_lines(ax, records, key)
     return _save(plt, fig, ax, meta["title"], "step", key, png)
 
 
 def plot_metric_vs_time(meta: dict[str, Any], records: list[dict[str, Any]], png: Path) -> Path | None:
-    """Each run's metric against its wall time: the mean over seeds, with one standard deviation as bars."""
+    """Each run's metric against its wall time: the mean over seeds, with one standard deviation as bars;
+    a horizontal line per baseline."""
     metric = meta["metric"]
-    points = {n: [r for r in rs if metric in r["metrics"]] for n, rs in by_run(records).items()}
+    points = {n: [r for r in rs if metric in r["metrics"]] for n, rs in by_run(trained(records)).items()}
     points = {n: rs for n, rs in points.items() if rs}
     if not points:
         return None
@@ -182,7 +210,15 @@ def plot_metric_vs_time(meta: dict[str, Any], records: list[dict[str, Any]], png
         minutes, minutes_std = mean_std([r["wall_time_s"] / 60 for r in rs])
         score, score_std = mean_std([r["metrics"][metric] for r in rs])
         ax.errorbar(minutes, score, xerr=minutes_std or 0, yerr=score_std or 0, fmt="o", capsize=3, label=name)
+    _baseline_lines(ax, records, metric)
     return _save(plt, fig, ax, meta["title"], "wall time (min)", metric, png)
+
+
+def _baseline_lines(ax, records: list[dict[str, Any]], key: str) -> None:
+    """A horizontal line at each baseline's ``key`` (a baseline has one value, whatever the x axis)."""
+    lines = [r for r in records if is_baseline(r) and key in r["metrics"]]
+    for r, style in zip(lines, ["--", ":", "-.", (0, (5, 1, 1, 1))] * len(lines)):
+        ax.axhline(r["metrics"][key], linestyle=style, linewidth=1.2, color="0.35", label=f"{r['run']} (baseline)")
 
 
 def _figure():
@@ -221,14 +257,16 @@ def section(out: str | Path, relative_to: Path | None = None, heading: str = "##
     if meta.get("notes"):
         parts += [meta["notes"], ""]
     parts += [f"`lmforge-benchmark suite={meta['name']}` (runs declared in `conf/suite/{meta['name']}.yaml`), "
-              f"{machine_line(records)}", ""]  # fmt: skip
+              f"{machine_line(trained(records) or records)}", ""]  # fmt: skip
     if not records:
         return "\n".join([*parts, "No run of this suite has finished yet.", ""])
     parts += [summary_table(meta, records), ""]
     for png, what in ((CURVES_PNG, "validation curves"), (TIME_PNG, "metric against wall time")):
         if (out / png).is_file():
             parts.append(f"![{meta['name']}: {what}]({Path(os.path.relpath(out / png, base)).as_posix()})")
-    parts += ["", "<details><summary>Every seed</summary>", "", seeds_table(meta, records), "", "</details>", ""]
+    if trained(records):
+        parts += ["", "<details><summary>Every seed</summary>", "", seeds_table(meta, records), "", "</details>"]
+    parts.append("")
     return "\n".join(parts)
 
 
