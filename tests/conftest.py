@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -16,7 +17,8 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.e
     _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_threads)
 
-import pytest  # noqa: E402
+import httpx  # noqa: E402
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -24,6 +26,7 @@ from lmforge.config_dirs import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = os.environ.get("LMFORGE_DATA")
+SERVE = str(Path(sys.executable).parent / "lmforge-serve")
 
 # A tiny but real run: char-level GPT on Tiny Shakespeare, a few steps, CSV only.
 TINY = [
@@ -111,6 +114,32 @@ def torchrun_nodes(launcher_args: list[list[str]], args: list[str], env: dict[st
             with suppress(ProcessLookupError):
                 os.killpg(node.pid, signal.SIGKILL)
             node.wait()
+
+
+@contextmanager
+def serving(*args: str, env: dict[str, str] | None = None):
+    """``lmforge-serve <args> port=<free>`` until the block ends; yields (base URL, process)."""
+    port = free_port()
+    proc = subprocess.Popen([SERVE, *args, f"port={port}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"lmforge-serve exited: {proc.stdout.read()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "lmforge-serve did not start"
+            time.sleep(0.3)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
 
 
 def free_port() -> int:

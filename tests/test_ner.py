@@ -343,3 +343,24 @@ def test_predict_is_the_same_alone_or_batched(ner_run):
     assert batched[2] == alone[0]
     assert batched[1] == {"text": "", "words": [], "tags": [], "entities": []}
     assert len(batched[0]["tags"]) == len(longer.split())
+
+
+@requires_data
+@pytest.mark.slow
+def test_serve_tags_as_predict_does(ner_run):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from conftest import serving
+
+    texts = ["Peter Blackburn visited London .", "EU rejects German call to boycott British lamb .", "Hello"]
+    expected = _predict(ner_run, texts)
+    with serving(f"run={ner_run['run_dir']}") as (url, _):
+        model = Path(ner_run["run_dir"]).name
+        tagged = httpx.post(f"{url}/v1/tag", json={"model": model, "input": texts}, timeout=60).json()["data"]
+        assert [{k: v for k, v in t.items() if k != "index"} for t in tagged] == expected
+        with ThreadPoolExecutor(3) as pool:  # one request each, batched together by the server
+            one_each = list(pool.map(lambda t: httpx.post(f"{url}/v1/tag", json={"model": model, "input": t},
+                                                          timeout=60).json()["data"][0]["tags"], texts))  # fmt: skip
+        assert one_each == [e["tags"] for e in expected]

@@ -294,3 +294,29 @@ def test_transformer_dropout_on_attention_and_activations_follows_dropout_unless
     lean.load_state_dict(default.state_dict())
     ids, mask = torch.randint(0, 50, (2, 5)), torch.ones(2, 5, dtype=torch.long)
     torch.testing.assert_close(lean.eval()(ids, mask, ids[:, :4]), default.eval()(ids, mask, ids[:, :4]))
+
+
+def test_serve_translates_as_generate_does(toy_translation_run):
+    """lmforge-serve: the run's beam search by default, greedy with temperature 0, alone or batched."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from conftest import serving
+
+    run_dir = toy_translation_run["run_dir"]
+    with serving(f"run={run_dir}") as (url, _):
+        model = run_dir.rstrip("/").rsplit("/", 1)[-1]
+
+        def complete(prompt: str, **options) -> str:
+            body = {"model": model, "prompt": prompt, "max_tokens": 24, **options}
+            return httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+        assert complete("the big dog runs") == "der groß Hund rennt"  # beam search, as lmforge-generate
+        sources = ["the big dog runs", "the small cat sleeps", "the big cat runs", "the small dog sleeps"]
+        alone = [complete(s, temperature=0) for s in sources]
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(lambda s: complete(s, temperature=0), sources)) == alone
+        chat = {"model": model, "messages": [{"role": "user", "content": "the small cat sleeps"}], "temperature": 0}
+        reply = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60).json()
+        assert reply["choices"][0]["message"]["content"] == alone[1]

@@ -3,51 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import DATA_DIR, TINY, free_port, make_cfg, requires_data
+from conftest import DATA_DIR, SERVE, TINY, make_cfg, requires_data, serving
 
 openai = pytest.importorskip("openai")
 pytestmark = requires_data
-SERVE = str(Path(sys.executable).parent / "lmforge-serve")
 PROMPTS = ["ROMEO:", "JULIET:\nO", "First Citizen:\nWe", "KING", "What say", "\n", "To be", "MENENIUS:"]
-
-
-@contextmanager
-def server(*args: str, env: dict[str, str] | None = None):
-    """``lmforge-serve <args> port=<free>`` until the block ends; yields (base URL, process)."""
-    port = free_port()
-    proc = subprocess.Popen([SERVE, *args, f"port={port}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"lmforge-serve exited: {proc.stdout.read()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "lmforge-serve did not start"
-            time.sleep(0.3)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +36,7 @@ def lm_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm_server(lm_run):
-    with server(f"run={lm_run['run_dir']}", "max_batch_size=4", "max_tokens=200") as (url, _):
+    with serving(f"run={lm_run['run_dir']}", "max_batch_size=4", "max_tokens=200") as (url, _):
         yield url, Path(lm_run["run_dir"]).name
 
 
@@ -166,7 +136,7 @@ def test_bad_requests_are_openai_errors_and_the_server_goes_on(lm_server):
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_row(lm_run):
-    with server(f"run={lm_run['run_dir']}", "max_batch_size=1") as (url, _):
+    with serving(f"run={lm_run['run_dir']}", "max_batch_size=1") as (url, _):
         model = Path(lm_run["run_dir"]).name
         body = {"model": model, "prompt": "ROMEO:", "max_tokens": 240, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
@@ -179,7 +149,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(lm_run):
 
 def test_api_key_is_required_and_never_logged_and_sigterm_drains(lm_run):
     key = "sk-test-7b1f0c2e"
-    with server(f"run={lm_run['run_dir']}", "access_log=true", env={"LMFORGE_API_KEY": key}) as (url, proc):
+    with serving(f"run={lm_run['run_dir']}", "access_log=true", env={"LMFORGE_API_KEY": key}) as (url, proc):
         model = Path(lm_run["run_dir"]).name
         with pytest.raises(openai.AuthenticationError):
             client(url, api_key="wrong").models.list()
@@ -202,7 +172,7 @@ def test_api_key_is_required_and_never_logged_and_sigterm_drains(lm_run):
 
 
 def test_a_classifier_run_labels_texts(sst2_run):
-    with server(f"run={sst2_run['run_dir']}") as (url, _):
+    with serving(f"run={sst2_run['run_dir']}") as (url, _):
         model = Path(sst2_run["run_dir"]).name
         body = {"model": model, "input": ["a gorgeous, witty, moving film", "a dull, tedious mess"]}
         labels = httpx.post(f"{url}/v1/classify", json=body).json()["data"]
@@ -226,7 +196,7 @@ def test_hugging_face_folders_generate_and_embed(tmp_path):
                                  ).save_pretrained(gpt2)  # fmt: skip
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(Path(DATA_DIR) / "tokenizers/gpt2" / name, gpt2)
-    with server(f"model.pretrained={gpt2}") as (url, _):
+    with serving(f"model.pretrained={gpt2}") as (url, _):
         text = complete(url, "tiny-gpt2", "Hello, my name is", max_tokens=12, temperature=0)
         reference = transformers.GPT2LMHeadModel.from_pretrained(gpt2).eval()
         tokenizer = transformers.GPT2TokenizerFast.from_pretrained(gpt2)
@@ -237,7 +207,7 @@ def test_hugging_face_folders_generate_and_embed(tmp_path):
     transformers.BertModel(transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2,
                                                    intermediate_size=128)).save_pretrained(bert)  # fmt: skip
     shutil.copy(Path(DATA_DIR) / "tokenizers/bert-base-uncased/vocab.txt", bert)
-    with server(f"model.pretrained={bert}") as (url, _):
+    with serving(f"model.pretrained={bert}") as (url, _):
         vectors = client(url).embeddings.create(model="tiny-bert", input=["a cat", "a dog", "a cat"]).data
         assert len(vectors[0].embedding) == 64 and vectors[0].embedding == pytest.approx(vectors[2].embedding)
         assert sum(x * x for x in vectors[1].embedding) == pytest.approx(1.0, rel=1e-4)
@@ -266,3 +236,25 @@ def test_streams_are_server_sent_events_in_openai_chunks(lm_server):
     assert events[-1] == "[DONE]"
     usage = json.loads(events[-2])
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
+
+
+def test_a_t5_folder_generates_as_transformers_does(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import shutil
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-t5"
+    config = transformers.T5Config(vocab_size=50257, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)  # fmt: skip
+    transformers.T5ForConditionalGeneration(config).save_pretrained(folder)
+    for name in ("vocab.json", "merges.txt"):  # any tokenizer the folder ships will do: GPT-2's here
+        shutil.copy(Path(DATA_DIR) / "tokenizers/gpt2" / name, folder)
+    source = "translate English to German: the house is small"
+    with serving(f"model.pretrained={folder}") as (url, _):
+        text = complete(url, "tiny-t5", source, max_tokens=10, temperature=0)
+    reference = transformers.T5ForConditionalGeneration.from_pretrained(folder).eval()
+    tokenizer = transformers.GPT2TokenizerFast.from_pretrained(folder)
+    out = reference.generate(tokenizer(source, return_tensors="pt").input_ids, max_new_tokens=10, do_sample=False)
+    ids = out[0, 1:].tolist()  # after the start token, up to the end token
+    assert text == tokenizer.decode(ids[: ids.index(1)] if 1 in ids else ids).strip()

@@ -346,6 +346,27 @@ def test_predict_answers_from_the_context(qa_run, capsys, tmp_path):
         predict_from_run(entry_cfg("predict", [f"run={qa_run['run_dir']}", f"file={questions}"]))
 
 
+def test_serve_answers_as_predict_does(qa_run):
+    import httpx
+
+    from conftest import serving
+    from lmforge.inference import predict_from_run
+    from lmforge.overrides import quote_free_text
+
+    questions = ["Which team won Super Bowl 50?", "Who lost?", "What season was it?"]
+    expected = []
+    for question in questions:
+        args = quote_free_text([f"run={qa_run['run_dir']}", f"question={question}", f"context={CONTEXT}"])
+        expected.append(predict_from_run(entry_cfg("predict", args))[0]["answer"])
+    with serving(f"run={qa_run['run_dir']}") as (url, _):
+        model = Path(qa_run["run_dir"]).name
+        body = {"model": model, "input": [{"question": q, "context": CONTEXT} for q in questions]}
+        answers = httpx.post(f"{url}/v1/answer", json=body, timeout=60).json()["data"]
+        assert [a["answer"] for a in answers] == expected
+        one = httpx.post(f"{url}/v1/answer", json={"model": model, "question": questions[0]}, timeout=60)
+        assert one.status_code == 400 and "question and context" in one.json()["error"]["message"]
+
+
 @requires_data
 @pytest.mark.slow
 def test_evaluate_scores_the_test_articles(qa_run):

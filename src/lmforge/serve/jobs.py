@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from itertools import count
@@ -20,6 +22,29 @@ from lmforge.serve.protocol import ApiError
 from lmforge.serve.served import ServedModel
 from lmforge.serve.text import IncrementalText
 
+
+class _Mailbox:
+    """Hands events from the batching thread to an event loop: one wake-up of the loop carries all the
+    events that arrived since the last one (a decoding step's tokens for every row), not one each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock, self.items = loop, threading.Lock(), []
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        with self.lock:
+            self.items.append((queue, item))
+            first = len(self.items) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its mailbox
 _unbatched = count()  # keys that batch with nothing: sampled seq2seq requests (each has its own generator)
 
 
@@ -47,13 +72,14 @@ class Generation:
     _cancels: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self):
-        self.loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        self.mailbox = _mailboxes.setdefault(loop, _Mailbox(loop))
         self.queue: asyncio.Queue = asyncio.Queue()
         self.choices = [Choice() for _ in range(self.n_choices)]
 
     def sink(self, index: int):
         """The callback the batching thread reports choice ``index``'s events to."""
-        return lambda kind, value: self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, kind, value))
+        return lambda kind, value: self.mailbox.post(self.queue, (index, kind, value))
 
     def cancel(self) -> None:
         """Free the rows (or batch places) of every choice that has not finished."""
