@@ -258,3 +258,15 @@ def test_a_t5_folder_generates_as_transformers_does(tmp_path):
     out = reference.generate(tokenizer(source, return_tensors="pt").input_ids, max_new_tokens=10, do_sample=False)
     ids = out[0, 1:].tolist()  # after the start token, up to the end token
     assert text == tokenizer.decode(ids[: ids.index(1)] if 1 in ids else ids).strip()
+
+
+def test_a_request_over_its_time_is_a_408_and_frees_its_row(lm_run):
+    with serving(f"run={lm_run['run_dir']}", "max_batch_size=1", "request_timeout_s=0.05") as (url, _):
+        # Token 10 always wins, so the end-of-text token cannot end it early: 240 steps, well over 0.05 s.
+        body = {"model": Path(lm_run["run_dir"]).name, "prompt": "ROMEO:", "max_tokens": 240, "logit_bias": {"10": 100}}
+        late = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        assert late.status_code == 408 and late.json()["error"]["code"] == "request_timeout"
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{url}/health").json()["busy_rows"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"{url}/health").json()["busy_rows"] == 0

@@ -93,7 +93,9 @@ class Generation:
             while open_choices:
                 remaining = self.deadline - time.monotonic()
                 try:
-                    index, kind, value = await asyncio.wait_for(self.queue.get(), max(remaining, 0.001))
+                    if remaining <= 0:  # checked first: events that keep coming must not outrun the deadline
+                        raise TimeoutError
+                    index, kind, value = await asyncio.wait_for(self.queue.get(), remaining)
                 except TimeoutError:
                     raise ApiError(408, "The request took longer than the server's request_timeout_s.",
                                    type="timeout", code="request_timeout") from None  # fmt: skip
