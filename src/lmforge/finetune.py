@@ -11,9 +11,10 @@ backbone in place, after its starting weights are loaded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import pytorch_lightning as pl
 import torch
@@ -254,9 +255,13 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.adapter_up.weight)  # the adapted model starts as the base model
         nn.init.zeros_(self.adapter_up.bias)
 
+    enabled = True  # off: the base layer alone (a preference task's reference model)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output plus the adapter's correction."""
         y = self.base_layer(x)
+        if not self.enabled:
+            return y
         return y + self.adapter_up(torch.nn.functional.gelu(self.adapter_down(y)))
 
 
@@ -350,3 +355,34 @@ def describe_trainable(task: nn.Module) -> str:
     total = sum(p.numel() for p in task.parameters())
     trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+
+
+@contextlib.contextmanager
+def added_weights_off(backbone: nn.Module) -> Iterator[None]:
+    """Run the block with the weights a finetune= method added switched off (LoRA, AdaLoRA, IA3, adapters,
+    prefixes, a soft prompt): the backbone computes what its frozen base computes, without a second copy."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    peft_layers = [m for m in backbone.modules() if isinstance(m, BaseTunerLayer)]
+    adapters = [m for m in backbone.modules() if isinstance(m, BottleneckAdapter)]
+    prefixed = [(m, m.prefix) for m in backbone.modules() if getattr(m, "prefix", None) is not None]
+    prompt = getattr(backbone, "prompt", None)
+    try:
+        for layer in peft_layers:
+            layer.enable_adapters(False)
+        for adapter in adapters:
+            adapter.enabled = False
+        for attention, _ in prefixed:
+            attention.prefix = None
+        if prompt is not None:
+            backbone.prompt = None
+        yield
+    finally:
+        for layer in peft_layers:
+            layer.enable_adapters(True)
+        for adapter in adapters:
+            adapter.enabled = True
+        for attention, prefix in prefixed:
+            attention.prefix = prefix
+        if prompt is not None:
+            backbone.prompt = prompt

@@ -15,6 +15,7 @@ from lmforge import tracking
 from lmforge.compose.parts import build_data, build_task, make_task
 from lmforge.compose.weights import load_run
 from lmforge.console import setup_console
+from lmforge.data.chat import run_chat_template
 from lmforge.data.tokenizers import EOS
 from lmforge.errors import LmforgeError
 from lmforge.generation import generate
@@ -23,6 +24,9 @@ from lmforge.rundirs.checkpoints import load_task_state
 from lmforge.rundirs.config import saved_config
 
 log = logging.getLogger("lmforge")
+
+# The tasks whose model is a decoder's language-model head: their runs generate text (and chat).
+GENERATING_TASKS = ("LanguageModelingTask", "PreferenceTask")
 
 
 def _device(name: str) -> torch.device:
@@ -47,11 +51,13 @@ def generate_from_run(cfg: DictConfig) -> list[str]:
         raise LmforgeError(
             f"The model of {run.run_dir} ({run.cfg.model.name}) is not a decoder; it cannot generate text."
         )
-    elif task_class != "LanguageModelingTask":  # a decoder trained to classify or tag has no trained LM head
+    elif task_class not in GENERATING_TASKS:  # a decoder trained to classify or tag has no trained LM head
         raise LmforgeError(
             f"{run.run_dir} is a {run.cfg.task.name} run, not a language model, so it cannot generate text "
             f"(lmforge-predict labels texts with it)."
         )
+    elif cfg.get("chat"):
+        return _chat(run, cfg)
     else:
         texts = _continue_prompt(run, cfg)
     for i, text in enumerate(texts):
@@ -87,6 +93,45 @@ def _continue_prompt(run, cfg: DictConfig) -> list[str]:
     out = generate(model, input_ids, cfg.max_new_tokens, eos_token_id=run.tokenizer.token_to_id(EOS),
                    generator=generator, **_sampling_options(cfg))  # fmt: skip
     return [run.tokenizer.decode(row.tolist()) for row in out]
+
+
+def _chat(run, cfg: DictConfig) -> list[str]:
+    """A conversation in the terminal (``chat=true``): a line from you, a reply from the run, until an empty line.
+
+    With ``prompt=`` given, one reply to it and no questions asked (scripts, tests). Returns the replies.
+    """
+    from lmforge.chat_session import ChatSession
+
+    template = run_chat_template(run.cfg)
+    if template is None:
+        raise LmforgeError(f"{run.run_dir} was not tuned on conversations (task=sft), so it has no chat template; "
+                           f"chat=true needs such a run.")  # fmt: skip
+    options = _sampling_options(cfg)
+    session = ChatSession(run.backbone.to(_device(cfg.device)), run.tokenizer, template, run.tokenizer.token_to_id(EOS),
+                          cfg.max_new_tokens, options["temperature"], options["top_k"], options["top_p"], cfg.seed)  # fmt: skip
+    messages = [{"role": "system", "content": str(cfg.system)}] if cfg.get("system") else []
+    replies = []
+    given = cfg.get("prompt") if cfg.get("prompt") not in (None, "\n") else None
+    while True:
+        text = str(given) if given is not None else _ask()
+        if not text.strip():
+            break
+        messages.append({"role": "user", "content": text})
+        replies.append(session.reply(messages))
+        messages.append({"role": "assistant", "content": replies[-1]})
+        print(f"assistant> {replies[-1]}", flush=True)
+        if given is not None:
+            break
+    return replies
+
+
+def _ask() -> str:
+    """The next line typed at the ``you>`` prompt ('' at the end of input or for /exit)."""
+    try:
+        text = input("you> ")
+    except EOFError:
+        return ""
+    return "" if text.strip() in ("/exit", "/quit") else text
 
 
 def _generate_seq2seq(run, cfg: DictConfig) -> list[str]:
@@ -150,6 +195,11 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     )
     runner = trainer.test if split == "test" else trainer.validate
     metrics = {k: round(float(v), 6) for k, v in runner(task, datamodule=datamodule, verbose=False)[0].items()}
+    if split in getattr(datamodule, "lines", {}):  # tuned on the instruction mixture: each task by its metric
+        from lmforge.experiments.instruct import evaluate_instructions
+
+        scores = evaluate_instructions(run, datamodule.lines[split], cfg.get("max_new_tokens") or 64)
+        metrics.update({f"{split}/{name}": value for name, value in scores.items()})
     record = {
         "run_dir": str(run.run_dir),
         "checkpoint": str(run.checkpoint),
@@ -209,10 +259,12 @@ def predict_from_run(cfg: DictConfig) -> list[dict[str, Any]]:
     run = load_run(cfg.run, cfg.checkpoint)
     checkpoint = run.saved
     task = make_task(run.cfg, run.backbone, run.tokenizer, checkpoint.get("data_arguments") or {})
+    if not hasattr(task, "predict_texts") and run_chat_template(run.cfg) is not None:
+        return _write_predictions(cfg, _replies(run, cfg, _read_inputs(cfg)))
     if not hasattr(task, "predict_texts"):
         raise LmforgeError(
             f"The task of {run.run_dir} ({run.cfg.task.name}) does not label texts; "
-            f"lmforge-predict serves classification, tagging and question answering runs "
+            f"lmforge-predict serves classification, tagging, question answering and task=sft runs "
             f"(lmforge-generate samples from language models)."
         )
     load_task_state(task, checkpoint)
@@ -221,6 +273,20 @@ def predict_from_run(cfg: DictConfig) -> list[dict[str, Any]]:
     results = []
     for start in range(0, len(texts), cfg.batch_size):
         results.extend(task.predict_texts(texts[start : start + cfg.batch_size], run.tokenizer))
+    return _write_predictions(cfg, results)
+
+
+def _replies(run, cfg: DictConfig, prompts: list[str]) -> list[dict[str, Any]]:
+    """A task=sft run's greedy reply to each prompt, each a conversation of its own."""
+    from lmforge.chat_session import ChatSession
+
+    session = ChatSession(run.backbone.to(_device(cfg.device)), run.tokenizer, run_chat_template(run.cfg),
+                          run.tokenizer.token_to_id(EOS), cfg.max_new_tokens, temperature=0)  # fmt: skip
+    return [{"prompt": p, "reply": session.reply([{"role": "user", "content": p}])} for p in prompts]
+
+
+def _write_predictions(cfg: DictConfig, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Print one JSON line per result, and write them to ``output=`` when given."""
     lines = [json.dumps(result, ensure_ascii=False) for result in results]
     print("\n".join(lines))
     if cfg.get("output"):

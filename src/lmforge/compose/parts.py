@@ -103,7 +103,8 @@ def build_data(
             config_key=json.dumps(OmegaConf.to_container(node), sort_keys=True),
             sample_chars=cfg.tokenizer.get("sample_chars"),
         )
-        if getattr(get_class(cfg.task.data._target_), "needs_end_of_sequence", False):
+        # Packing joins documents with an end-of-text token, which a character vocabulary lacks.
+        if getattr(get_class(cfg.task.data._target_), "needs_end_of_sequence", False) or cfg.task.data.get("packing"):
             tokenizer = with_end_of_sequence(tokenizer)
     # Keys that task.data shares with task.source (a user's file path, its columns) are the source's, not the DataModule's.
     shared = {key for key in set(cfg.task.data) & set(cfg.task.source) if not key.startswith("_")}

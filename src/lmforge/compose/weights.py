@@ -19,6 +19,7 @@ from lmforge.data.tokenizers import load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.finetune import FinetuneMethod
 from lmforge.hub.pretrained import PretrainedWeights, resolve_pretrained
+from lmforge.models.backbone import grown_vocabulary
 from lmforge.rundirs.checkpoints import (
     backbone_state_dict,
     find_checkpoint,
@@ -178,8 +179,11 @@ def init_backbone(backbone: nn.Module, checkpoint: Path) -> str:
     if saved.get("base"):  # an adapter run: its base plus its adapters, merged, start this one
         state = _merged_adapter_backbone(checkpoint)
     own = backbone.state_dict()
-    for name, tensor in state.items():
+    for name, tensor in list(state.items()):
         if name in own and own[name].shape != tensor.shape:
+            if (grown := grown_vocabulary(backbone, tensor, own[name])) is not None:
+                state[name] = grown
+                continue
             raise LmforgeError(
                 f"init_from: {name} is {tuple(tensor.shape)} in {checkpoint} but {tuple(own[name].shape)} in this "
                 f"model; use the model (and tokenizer) of the run the checkpoint came from."

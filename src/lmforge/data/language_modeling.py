@@ -11,10 +11,12 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
+from lmforge.data.packing import SeparatorCollate
 from lmforge.data.sampling import PermutedDataset, resumable_sampler
 from lmforge.data.streaming import StreamedText, StreamedWindows
 from lmforge.data.text_splits import TextSplit, as_text_split
 from lmforge.data.token_store import TokenStore, open_or_build
+from lmforge.data.tokenizers import END_OF_SEQUENCE
 from lmforge.errors import LmforgeError
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,17 @@ class TokenWindows(Dataset):
         return window[:-1], window[1:]
 
 
+def packing_separator(tokenizer: Tokenizer) -> str:
+    """The special token that joins documents when windows are packed (``task.data.packing=true``)."""
+    for token in END_OF_SEQUENCE:
+        if tokenizer.token_to_id(token) is not None:
+            return token
+    raise LmforgeError(
+        f"task.data.packing=true needs a token to put between documents ({', '.join(END_OF_SEQUENCE)}), "
+        f"and the tokenizer has none; use tokenizer=bpe or tokenizer=gpt2."
+    )
+
+
 class LanguageModelingDataModule(pl.LightningDataModule):
     """Causal language modelling on one long token stream per split, memory-mapped from a token store.
 
@@ -66,6 +79,10 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         cache_dir: where token stores are kept, keyed by text and tokenizer (None: a temporary folder).
         num_workers: DataLoader worker processes.
         token_dtype: id type on disk: ``auto`` (uint16 when the vocabulary fits, else uint32), ``uint16``, ``uint32``.
+        packing: keep the documents of a window apart: they are joined by the tokenizer's end-of-text token
+            (``<|endoftext|>``, ``</s>`` or ``[SEP]``), and batches become ``(input_ids, labels, document_ids)``
+            (:class:`~lmforge.data.packing.SeparatorCollate`), so that a token attends only to its own
+            document and positions restart at each one.
     """
 
     size_unit = "tokens"
@@ -82,6 +99,7 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         num_workers: int = 0,
         token_dtype: str = "auto",
+        packing: bool = False,
     ):
         super().__init__()
         self.tokenizer = tokenizer
@@ -91,6 +109,8 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         self.seed = seed
         self.eval_seed = eval_seed
         self.num_workers = num_workers
+        self.separator = packing_separator(tokenizer) if packing else None
+        self.collate = SeparatorCollate(tokenizer.token_to_id(self.separator)) if packing else None
         if cache_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="lmforge-tokens-")
             cache_dir = self._tmp.name
@@ -99,7 +119,7 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         self._stream_windows: StreamedWindows | None = None
         self._stream_state: dict = {}
         self.stores = {
-            split: open_or_build(as_text_split(text), tokenizer, cache_dir, split, token_dtype)
+            split: open_or_build(as_text_split(text), tokenizer, cache_dir, split, token_dtype, self.separator)
             for split, text in texts.items()
             if text is not self.stream
         }
@@ -139,6 +159,7 @@ class LanguageModelingDataModule(pl.LightningDataModule):
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             generator=self._loader_generator(),
+            collate_fn=self.collate,
         )
 
     def _loader_generator(self) -> torch.Generator:
@@ -159,18 +180,25 @@ class LanguageModelingDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             generator=self._loader_generator(),
             persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate,
         )
 
     def _stream_loader(self) -> DataLoader:
         """Windows packed from the stream in its order; after a resume, from the checkpointed position."""
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        self._stream_windows = StreamedWindows(self.stream, self.tokenizer, self.block_size, rank, world)
+        self._stream_windows = StreamedWindows(
+            self.stream, self.tokenizer, self.block_size, rank, world, separator=self.separator
+        )
         if self._stream_state.get("stream_snapshots") and self.trainer is not None:
             done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed * self.batch_size
             self._stream_windows.resume_at(self._stream_state["stream_snapshots"], done * world)
         # One process reads the stream (a worker each would read it all again); encoding runs on every core anyway.
         return DataLoader(
-            self._stream_windows, batch_size=self.batch_size, drop_last=True, generator=self._loader_generator()
+            self._stream_windows,
+            batch_size=self.batch_size,
+            drop_last=True,
+            generator=self._loader_generator(),
+            collate_fn=self.collate,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -68,16 +68,31 @@ class StreamedWindows(IterableDataset):
     number of windows, so none runs out of data while another waits for it in a collective (a stream
     split by shard or row gives the ranks different numbers of tokens, and the run hangs at its end).
     Window counts (snapshots, :meth:`resume_at`) are counts of the whole stream's windows.
+
+    ``separator`` is the text put between documents (None: the tokenizer's own, see
+    :func:`~lmforge.data.token_store.document_separator`); a stream of rows joined by
+    ``text.joiner`` is one document.
     """
 
-    def __init__(self, text: StreamedText, tokenizer: Tokenizer, block_size: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        text: StreamedText,
+        tokenizer: Tokenizer,
+        block_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        separator: str | None = None,
+    ):
         self.text = text
         self.dataset = text.dataset
         self.rank = rank
         self.world_size = world_size
         self.tokenizer = tokenizer
         self.block_size = block_size
-        separator = document_separator(tokenizer) if text.joiner is None else text.joiner
+        if text.joiner is not None:
+            separator = text.joiner
+        elif separator is None:  # packing names its own separator token
+            separator = document_separator(tokenizer)
         self.separator = tokenizer.encode(separator, add_special_tokens=False).ids if separator else []
         self.snapshots: deque[dict] = deque(maxlen=16)
         self._start: dict | None = None  # the snapshot to start from, and windows of it to skip

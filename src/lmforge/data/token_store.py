@@ -143,13 +143,18 @@ class TokenStore:
         return np.asarray(self[:])
 
 
-def store_key(split: TextSplit, tokenizer: Tokenizer, dtype: np.dtype) -> str:
-    """The folder name of a split's store: its text, the tokenizer and the settings, hashed."""
+def store_key(split: TextSplit, tokenizer: Tokenizer, dtype: np.dtype, separator: str | None = None) -> str:
+    """The folder name of a split's store: its text, the tokenizer and the settings, hashed.
+
+    ``separator`` counts only where it differs from the tokenizer's default, so that a store built
+    with the default separator named explicitly is the same store."""
     from lmforge.data.tokenizers import tokenizer_fingerprint
 
     digest = hashlib.sha256()
     for part in (split.fingerprint, tokenizer_fingerprint(tokenizer), dtype.name, str(FORMAT_VERSION)):
         digest.update(part.encode() + b"\0")
+    if separator is not None and separator != document_separator(tokenizer):
+        digest.update(b"separator\0" + separator.encode())
     return digest.hexdigest()[:32]
 
 
@@ -159,18 +164,21 @@ def open_or_build(
     cache_dir: str | Path,
     name: str = "train",
     requested_dtype: str = "auto",
+    separator: str | None = None,
 ) -> TokenStore:
     """The store of ``split`` under ``cache_dir``: opened when it exists, else built (by one process at a time).
 
     Args:
         name: the split's name, for messages.
         requested_dtype: ``auto``, ``uint16`` or ``uint32`` (``task.data.token_dtype``).
+        separator: the text put between documents (None: :func:`document_separator`); packing asks for
+            a special token, which marks every boundary unambiguously.
 
     Inside :func:`progress_bar` the build shows a progress bar.
     """
     dtype = token_dtype(tokenizer.get_vocab_size(), requested_dtype)
     root = Path(cache_dir).expanduser() / "tokens"
-    final = root / store_key(split, tokenizer, dtype)
+    final = root / store_key(split, tokenizer, dtype, separator)
     if (final / "meta.json").is_file():
         return TokenStore(final)
     try:
@@ -185,13 +193,13 @@ def open_or_build(
         lock.acquire()
     try:
         if not (final / "meta.json").is_file():  # another process may have built it while we waited
-            _build(split, tokenizer, final, dtype, name)
+            _build(split, tokenizer, final, dtype, name, separator or document_separator(tokenizer))
     finally:
         lock.release()
     return TokenStore(final)
 
 
-def _build(split: TextSplit, tokenizer: Tokenizer, final: Path, dtype: np.dtype, name: str) -> None:
+def _build(split: TextSplit, tokenizer: Tokenizer, final: Path, dtype: np.dtype, name: str, separator: str) -> None:
     for stale in final.parent.glob(final.name + ".tmp-*"):  # left by a killed build: we hold the lock
         shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f"{final.name}.tmp-{os.getpid()}"
@@ -202,7 +210,7 @@ def _build(split: TextSplit, tokenizer: Tokenizer, final: Path, dtype: np.dtype,
     log.info("data: tokenizing the %s split (%s) into %s", name, split.describe(), final)
     try:
         writer = _ShardWriter(tmp, dtype)
-        num_chars = _encode_into(split, tokenizer, writer, dtype, total_bytes, progress)
+        num_chars = _encode_into(split, tokenizer, writer, dtype, separator, total_bytes, progress)
         writer.close()
         if num_chars == 0 or writer.total == 0:
             raise LmforgeError(f"The {name} split ({split.describe()}) holds no text to train on.")
@@ -240,11 +248,12 @@ def _encode_into(
     tokenizer: Tokenizer,
     writer: _ShardWriter,
     dtype: np.dtype,
+    separator: str,
     total_bytes: int,
     progress: Callable[[int, int], None] | None,
 ) -> int:
-    """Encode the split's documents in batches of line chunks and write their ids; return the documents' characters."""
-    separator = document_separator(tokenizer)
+    """Encode the split's documents in batches of line chunks, ``separator`` between documents, and write
+    their ids; return the documents' characters."""
     text_chars = read_chars = 0  # text_chars: of the documents, not counting separators
     batch: list[str] = []
 

@@ -193,11 +193,9 @@ def parse_baselines(node: dict[str, Any] | None, task: str | None, suite: str, r
 
 def load_task_data(task: str) -> TaskData:
     """Read a task's train, validation and test splits through its own data source (``task=<task>``)."""
-    from hydra.utils import instantiate
+    from lmforge.data.task_splits import read_task_splits
 
-    cfg = _task_config(task)
-    source = instantiate(cfg.task.source)
-    splits = source.load(cfg.paths.data_dir, required=("train", "validation", "test"))
+    splits, source, cfg = read_task_splits(task)
     module = cfg.task.get("module") or {}
     labels = getattr(source, "label_names", None)
     return TaskData(
@@ -207,19 +205,6 @@ def load_task_data(task: str) -> TaskData:
         num_classes=len(labels) if labels else None,
         val_limit=module.get("val_generate_limit"),
     )
-
-
-def _task_config(task: str):
-    """The train config of ``task=<task>``, composed in the running Hydra app or from lmforge's conf/."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from lmforge.config_dirs import CONF_DIR
-
-    if GlobalHydra.instance().is_initialized():  # inside lmforge-benchmark: its search path (user dirs too)
-        return compose(config_name="train", overrides=[f"task={task}"])
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=[f"task={task}"])
 
 
 def baseline_metrics(baseline: SuiteBaseline, data: TaskData, where: str) -> dict[str, float]:

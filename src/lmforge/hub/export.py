@@ -21,6 +21,7 @@ from torch import nn
 
 from lmforge.compose.parts import MODEL_DESCRIPTION_KEYS, build_finetune, make_task
 from lmforge.compose.weights import load_run
+from lmforge.data.chat import run_chat_template
 from lmforge.data.tokenizers import EOS, eos_token_id, pad_token_id
 from lmforge.errors import LmforgeError
 from lmforge.models.pretrained import (
@@ -107,11 +108,12 @@ def _embedding_name(family: Family) -> str:
     ]
 
 
-def _write_tokenizer(tokenizer, out: Path, max_length: int | None, segments: bool) -> None:
+def _write_tokenizer(tokenizer, out: Path, max_length: int | None, segments: bool, chat_template: str | None) -> None:
     """tokenizer.json plus a tokenizer_config.json naming its special tokens, for ``AutoTokenizer``.
 
     Args:
         segments: the model reads segment ids (BERT): the tokenizer returns them for text pairs.
+        chat_template: the run's chat template (task=sft), for ``apply_chat_template``.
     """
     tokenizer.save(str(out / "tokenizer.json"))
     specials = {}
@@ -132,6 +134,8 @@ def _write_tokenizer(tokenizer, out: Path, max_length: int | None, segments: boo
         config["model_max_length"] = max_length
     if segments:  # transformers 5 leaves token_type_ids out unless told, and BERT would read zeros
         config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
+    if chat_template:
+        config["chat_template"] = chat_template
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -197,7 +201,9 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best") -
     save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = hf_config(family, kind, run.cfg.model, task, run.tokenizer)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    _write_tokenizer(run.tokenizer, out, run.cfg.model.get("n_positions"), segments=family.model_type == "bert")
+    template = run_chat_template(run.cfg)
+    _write_tokenizer(run.tokenizer, out, run.cfg.model.get("n_positions"), segments=family.model_type == "bert",
+                     chat_template=template.source if template else None)  # fmt: skip
     cfg = saved_config(run.run_dir)
     (out / "README.md").write_text(_model_card(run.run_dir, config["architectures"][0], cfg, run.checkpoint))
     log.info("exported %s (%s) to %s", run.run_dir.name, config["architectures"][0], out)

@@ -21,6 +21,7 @@ from torch import nn
 from lmforge.data.tokenizers import gpt2_tokenizer, load_tokenizer, wordpiece_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.hub.network import hub_reachable
+from lmforge.models.backbone import grown_vocabulary
 from lmforge.models.hf_config_fields import unclassified_fields
 from lmforge.models.pretrained import (
     Family,
@@ -68,8 +69,11 @@ class PretrainedWeights:
         return backbone_kwargs(self.family, self.config)
 
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
-        """Fail in one sentence when the run's tokenizer has ids the checkpoint's embeddings do not cover."""
-        if tokenizer.get_vocab_size() > self.config["vocab_size"]:
+        """Fail in one sentence when the run's tokenizer has ids the checkpoint's embeddings do not cover.
+
+        Special tokens added on top of its vocabulary (a chat template's) are not counted: their rows are new.
+        """
+        if tokenizer.get_vocab_size(with_added_tokens=False) > self.config["vocab_size"]:
             raise LmforgeError(
                 f"The tokenizer has {tokenizer.get_vocab_size():,} tokens but the checkpoint {self.source} was "
                 f"trained with {self.config['vocab_size']:,}; use the checkpoint's own tokenizer (its tokenizer.json)."
@@ -78,14 +82,19 @@ class PretrainedWeights:
     def load_into(self, task: nn.Module) -> str:
         """Copy the checkpoint into a task's backbone (and head, where names and shapes fit); return one log line."""
         own = task.state_dict()
-        fits = {n: t for n, t in self.state.items() if n in own and own[n].shape == t.shape}
+        state = dict(self.state)
+        for name, tensor in self.state.items():  # a vocabulary grown by a chat template's special tokens
+            if name.startswith("backbone.") and name in own and own[name].shape != tensor.shape:
+                grown = grown_vocabulary(task.backbone, tensor, own[name])
+                state[name] = tensor if grown is None else grown
+        fits = {n: t for n, t in state.items() if n in own and own[n].shape == t.shape}
         # A head of another kind may have the right shape (a 2-class classifier, a start/end head): leave it out.
         saved_as = set(self.config.get("architectures") or [])
         kind = head_kind(task)
         wanted = self.family.architectures.get(kind)
         if kind is not None and wanted not in saved_as and saved_as & set(self.family.architectures.values()):
             fits = {n: t for n, t in fits.items() if not n.startswith("head.")}
-        for name, tensor in self.state.items():
+        for name, tensor in state.items():
             if name.startswith("backbone.") and name in own and name not in fits:
                 raise LmforgeError(
                     f"{name} is {tuple(tensor.shape)} in {self.source} but {tuple(own[name].shape)} in this model."

@@ -36,6 +36,7 @@ class Backbone(nn.Module):
             (recurrent encoder).
         supports_prompt: finetune=prompt may give it a soft prompt (:meth:`set_prompt`).
         takes_token_type_ids: ``hidden_states`` takes ``token_type_ids`` (segment ids, BERT).
+        takes_document_ids: ``hidden_states`` and ``forward`` take ``document_ids`` (packed rows: GPT, BERT).
 
     Attributes:
         hidden_size: width of the hidden states that task heads read.
@@ -48,9 +49,15 @@ class Backbone(nn.Module):
     Hidden states (encoders, decoders, RNNs):
         ``hidden_states(input_ids, attention_mask=None, **extra) -> (B, T, hidden_size)``, with
         ``attention_mask`` 1 for real tokens and 0 for padding. The extras are ``cache`` (decoders),
-        ``token_type_ids`` (when ``takes_token_type_ids``) and ``input_features`` (RNNs: added to the
-        word embeddings). ``forward`` is the same, except that a decoder's gives next-token logits
-        (B, T, vocab) through its ``lm_head``.
+        ``token_type_ids`` (when ``takes_token_type_ids``), ``input_features`` (RNNs: added to the
+        word embeddings) and ``document_ids`` (when ``takes_document_ids``). ``forward`` is the same,
+        except that a decoder's gives next-token logits (B, T, vocab) through its ``lm_head``.
+
+    Packed rows (``document_ids``, (B, T) ints, see :mod:`lmforge.models.documents`):
+        several documents share a row; each token attends only to tokens of its own document
+        (earlier ones only, in a decoder) and positions restart at 0 at each document's start, so a
+        document's hidden states are those it has alone in a row. Padding takes an id of its own
+        (-1). Only without a cache and without a soft prompt: generation never passes them.
 
     Encoder-decoders: see :class:`Seq2SeqBackbone` (``encode``, ``decode``, ``forward``).
 
@@ -70,6 +77,7 @@ class Backbone(nn.Module):
     kind: ClassVar[str]
     supports_prompt: ClassVar[bool] = False
     takes_token_type_ids: ClassVar[bool] = False
+    takes_document_ids: ClassVar[bool] = False
 
     hidden_size: int
     n_positions: int | None
@@ -143,3 +151,14 @@ class Seq2SeqBackbone(Backbone):
     ) -> torch.Tensor:
         """Teacher-forced logits (B, T, vocab) of the target given the whole source."""
         return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+
+
+def grown_vocabulary(backbone: Backbone, saved: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
+    """``saved`` extended with ``own``'s extra rows when ``own`` is the token embedding table (or a head tied
+    to it) and the run's tokenizer has more tokens than the checkpoint's (special tokens a chat template
+    added): the checkpoint's tokens keep their vectors, the new ones their fresh initialisation. None otherwise."""
+    if own.data_ptr() != backbone.word_embeddings.weight.data_ptr():
+        return None
+    if saved.shape[1:] != own.shape[1:] or saved.shape[0] >= own.shape[0]:
+        return None
+    return torch.cat([saved.to(own.dtype), own[saved.shape[0] :].detach()])

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.models.backbone import Backbone
+from lmforge.models.documents import document_attention_mask, document_positions
 from lmforge.models.layers import BlockRunner, init_normal
 from lmforge.models.tuning import KVPrefix, PrefixableAttention
 
@@ -28,10 +29,14 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=1e-12)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids -> (B, T, hidden) embeddings."""
-        T = input_ids.shape[1]
-        positions = torch.arange(T, device=input_ids.device)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T) ids -> (B, T, hidden) embeddings; positions 0, 1, ... unless ``position_ids`` (B, T) are given."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device) if position_ids is None else position_ids
         types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(types)
         return self.dropout(self.LayerNorm(x))
@@ -51,7 +56,7 @@ class BertSelfAttention(PrefixableAttention, nn.Module):
         self.prefix: KVPrefix | None = None  # set by finetune=prefix
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C); ``mask`` is (B, 1, 1, T) bool, True where attention is allowed."""
+        """(B, T, C) -> (B, T, C); ``mask`` is (B, 1, 1, T) or (B, 1, T, T) bool, True where attention is allowed."""
         B, T, C = x.shape
         # (B, T, C) -> (B, heads, T, head_dim)
         q, k, v = (
@@ -161,6 +166,7 @@ class Bert(Backbone):
     kind = "encoder"
     supports_prompt = True
     takes_token_type_ids = True
+    takes_document_ids = True
 
     def __init__(
         self,
@@ -195,6 +201,7 @@ class Bert(Backbone):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Encode a batch.
 
@@ -202,9 +209,18 @@ class Bert(Backbone):
             input_ids: (B, T) token ids.
             attention_mask: (B, T), 1 for real tokens, 0 for padding.
             token_type_ids: (B, T) segment ids (0 for the first sentence).
+            document_ids: optional (B, T) ints for packed rows (:mod:`lmforge.models.documents`): a token
+                attends only to the tokens of its own document, whose positions start at 0. Not with a
+                soft prompt.
         Returns:
             (B, T, hidden_size) hidden states.
         """
+        if document_ids is not None:
+            if self.prompt is not None:
+                raise ValueError("packed rows (document_ids) cannot be read with a soft prompt")
+            x = self.embeddings(input_ids, token_type_ids, document_positions(document_ids))
+            mask = document_attention_mask(document_ids, attention_mask, causal=False)  # (B, 1, T, T)
+            return self.encoder(x, mask)
         x, attention_mask = self._with_prompt(self.embeddings(input_ids, token_type_ids), attention_mask)
         mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None  # (B, 1, 1, T)
         return self._without_prompt(self.encoder(x, mask))

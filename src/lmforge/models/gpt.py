@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lmforge.models.backbone import Backbone
+from lmforge.models.documents import document_attention_mask, document_positions
 from lmforge.models.layers import BlockRunner, KVCache, PreNormBlock, init_normal
 
 
@@ -36,6 +37,7 @@ class GPT(BlockRunner, Backbone):
 
     kind = "decoder"
     supports_prompt = True
+    takes_document_ids = True
 
     def __init__(
         self,
@@ -104,7 +106,11 @@ class GPT(BlockRunner, Backbone):
         return KVCache(len(self.transformer.h))
 
     def hidden_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the blocks.
 
@@ -114,6 +120,9 @@ class GPT(BlockRunner, Backbone):
                 (B, past + T). Positions count real tokens only, so a left-padded prompt is
                 read exactly as the same prompt without padding.
             cache: keys and values of earlier positions, extended in place.
+            document_ids: optional (B, T) ints for packed rows (:mod:`lmforge.models.documents`): a token
+                attends only to earlier tokens of its own document, and positions restart at each
+                document's start. Not with a cache or a soft prompt.
         Returns:
             (B, T, n_embd) final hidden states, after ``ln_f``.
         """
@@ -121,7 +130,12 @@ class GPT(BlockRunner, Backbone):
         end = past + input_ids.shape[1]
         if end > self.n_positions:
             raise ValueError(f"sequence of {end} tokens is longer than n_positions={self.n_positions}")
-        if attention_mask is None:
+        if document_ids is not None:
+            if cache is not None or self.prompt is not None:
+                raise ValueError("packed rows (document_ids) cannot be read with a KV cache or a soft prompt")
+            pos = document_positions(document_ids)
+            attention_mask = document_attention_mask(document_ids, attention_mask, causal=True)  # (B, 1, T, T)
+        elif attention_mask is None:
             pos = torch.arange(past, end, device=input_ids.device)
         else:
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
@@ -152,7 +166,11 @@ class GPT(BlockRunner, Backbone):
         return x, attention_mask, first
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Next-token logits.
 
@@ -160,7 +178,8 @@ class GPT(BlockRunner, Backbone):
             input_ids: (B, T) token ids.
             attention_mask: optional (B, T) (with a cache: (B, past + T)), 1 for real tokens, 0 for padding.
             cache: optional :class:`KVCache` from :meth:`new_cache`, for incremental decoding.
+            document_ids: optional (B, T) documents of packed rows (see :meth:`hidden_states`).
         Returns:
             (B, T, vocab_size) logits.
         """
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, cache))
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, cache, document_ids))

@@ -81,7 +81,8 @@ class CausalSelfAttention(PrefixableAttention, nn.Module):
         Args:
             x: (B, T, C) hidden states of the new tokens.
             attention_mask: optional 1 for real tokens and 0 for padding: (B, T), or with a cache
-                (B, past + T), covering the cached positions too.
+                (B, past + T), covering the cached positions too; or a ready boolean (B, 1, T, T) mask,
+                True where a query may attend (packed rows: :func:`~lmforge.models.documents.document_attention_mask`).
             cache: keys and values of earlier tokens; the new ones are appended to it.
         Returns:
             (B, T, C) hidden states.
@@ -97,7 +98,9 @@ class CausalSelfAttention(PrefixableAttention, nn.Module):
         if attention_mask is None and k.shape[2] == T:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.scale)
         else:
-            mask = attention_mask_for(attention_mask, T, k.shape[2], causal=True, device=x.device)
+            mask = attention_mask
+            if attention_mask is None or attention_mask.dim() == 2:  # a key mask: add the causal part
+                mask = attention_mask_for(attention_mask, T, k.shape[2], causal=True, device=x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))

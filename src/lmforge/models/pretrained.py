@@ -29,6 +29,7 @@ CAUSAL_LM, MASKED_LM, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, SEQ2SEQ_LM,
 
 _TASK_HEADS = {
     "LanguageModelingTask": CAUSAL_LM,
+    "PreferenceTask": CAUSAL_LM,
     "MaskedLanguageModelingTask": MASKED_LM,
     "ClassificationTask": SEQUENCE_CLASSIFICATION,
     "TokenClassificationTask": TOKEN_CLASSIFICATION,

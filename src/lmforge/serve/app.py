@@ -21,10 +21,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from omegaconf import DictConfig
 from starlette.exceptions import HTTPException
 
+from lmforge.data.chat_template import ChatTemplate
+from lmforge.data.tokenizers import EOS
 from lmforge.serve.engine import Sampling
 from lmforge.serve.jobs import Generation, start_generation
 from lmforge.serve.protocol import (
@@ -103,9 +104,7 @@ def _install_api_key(app: FastAPI, api_key: str | None) -> None:
 class _Routes:
     def __init__(self, served: ServedModel, cfg: DictConfig):
         self.served, self.cfg = served, cfg
-        self.template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
-            cfg.get("chat_template") or served.chat_template
-        )
+        self.template = ChatTemplate(cfg.get("chat_template") or served.chat_template, eos_token=EOS)
 
     # -- checks ----------------------------------------------------------------------------------
 
@@ -200,7 +199,7 @@ class _Routes:
                 raise ApiError(400, "messages hold no user message to transform.", param="messages")
             prompt, stop = users[-1], ()
         else:
-            prompt = self.template.render(messages=messages, add_generation_prompt=True)
+            prompt = self.template.render(messages, add_generation_prompt=True)
             stop = self.served.chat_stop if not self.cfg.get("chat_template") else ()
         ids = self._tokens(prompt)
         sampling = self._sampling(body, body.max_completion_tokens or body.max_tokens, len(ids), stop)

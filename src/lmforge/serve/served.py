@@ -3,7 +3,8 @@
 The kind follows from what was trained: a language model generates (completions and chat), a
 seq2seq run transforms its input (completions and chat, the prompt being the source), and a
 classifier, tagger or question-answering run labels, tags or answers. A Hugging Face folder
-serves by its family: GPT-2 and T5 generate, BERT embeds (``/v1/embeddings``).
+serves by its family: GPT-2 and T5 generate, BERT embeds (``/v1/embeddings``). A run tuned on
+conversations (``task=sft``) chats with its own template.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from omegaconf import DictConfig
 from tokenizers import Tokenizer
 from torch import nn
 
+from lmforge.data.chat import run_chat_template
 from lmforge.data.tokenizers import EOS, pad_token_id
 from lmforge.errors import LmforgeError
 from lmforge.generation import generate
@@ -106,6 +108,7 @@ def _device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
 def _open_run(cfg: DictConfig) -> ServedModel:
     from lmforge.compose.parts import make_task
     from lmforge.compose.weights import load_run
+    from lmforge.inference import GENERATING_TASKS
     from lmforge.rundirs.checkpoints import load_task_state
 
     run = load_run(cfg.run, cfg.checkpoint)
@@ -113,8 +116,12 @@ def _open_run(cfg: DictConfig) -> ServedModel:
     task_class = run.cfg.task.module._target_.rsplit(".", 1)[-1]
     what = f"a {run.cfg.task.name} run of {run.cfg.model.name}"
     common = dict(id=run.run_dir.name, what=what, tokenizer=run.tokenizer, created=int(run.checkpoint.stat().st_mtime))
-    if task_class == "LanguageModelingTask" and run.backbone.kind == "decoder":
-        return _generator(run.backbone.to(device, dtype), run.tokenizer, run.tokenizer.token_to_id(EOS), cfg, common)
+    if task_class in GENERATING_TASKS and run.backbone.kind == "decoder":
+        served = _generator(run.backbone.to(device, dtype), run.tokenizer, run.tokenizer.token_to_id(EOS), cfg, common)
+        template = run_chat_template(run.cfg)
+        if template is not None:  # tuned on conversations: its own template, whose replies end with EOS
+            served.chat_template, served.chat_stop = template.source, ()
+        return served
     task = make_task(run.cfg, run.backbone, run.tokenizer, run.saved.get("data_arguments") or {})
     if task_class == "Seq2SeqTask":
         task.to(device, dtype).eval()

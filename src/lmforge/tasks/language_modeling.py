@@ -12,8 +12,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchmetrics import MeanMetric
 
+from lmforge.data.labels import IGNORE
 from lmforge.generation import generate
 from lmforge.models.backbone import Backbone
+from lmforge.models.documents import document_keywords
 from lmforge.predictions import window_rows
 from lmforge.tasks.base import TaskModule
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
@@ -22,7 +24,8 @@ sample_log = logging.getLogger("lmforge.samples")
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``head(hidden)`` against ``labels``, ``chunk_size`` positions at a time.
+    """Mean next-token cross-entropy of ``head(hidden)`` against ``labels`` (IGNORE positions left out),
+    ``chunk_size`` positions at a time.
 
     The full (positions x vocabulary) logits never exist at once: each chunk's logits are made, scored and
     dropped, and made again in the backward pass. With GPT-2's 50,257 tokens the logits and their
@@ -41,7 +44,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.T
             total = total + checkpoint(_summed_cross_entropy, head, h, y, use_reentrant=False)
         else:
             total = total + _summed_cross_entropy(head, h, y)
-    return total / labels.numel()
+    return total / (labels != IGNORE).sum().clamp(min=1)
 
 
 def _summed_cross_entropy(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -101,44 +104,53 @@ class LanguageModelingTask(TaskModule):
         self.test_loss = MeanMetric()
         self.samples: list[tuple[int, str]] = []
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids -> (B, T, V) logits."""
-        return self.backbone(input_ids)
+    def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids (and, for packed rows, their (B, T) document ids) -> (B, T, V) logits."""
+        return self.backbone(input_ids, **document_keywords(self.backbone, document_ids))
 
-    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        input_ids, labels = batch
+    @staticmethod
+    def _unpack(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(input_ids, labels, document_ids or None)`` of a batch ``(input_ids, labels[, document_ids])``
+        (an :class:`~lmforge.data.packing.LMBatch` or a plain tuple)."""
+        return batch[0], batch[1], batch[2] if len(batch) > 2 else None
+
+    def _loss(self, batch) -> torch.Tensor:
+        input_ids, labels, document_ids = self._unpack(batch)
         if self.loss_chunk_size:
-            hidden = self.backbone.hidden_states(input_ids)
+            hidden = self.backbone.hidden_states(input_ids, **document_keywords(self.backbone, document_ids))
             return chunked_cross_entropy(hidden, self.backbone.lm_head, labels, self.loss_chunk_size)
-        logits = self.backbone(input_ids)
+        logits = self(input_ids, document_ids)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         """The next-token loss of one batch, to be averaged over the tokens of the whole optimizer step."""
-        # Windows hold the same number of tokens, but an epoch's last batch may hold fewer windows.
-        tokens = batch[1].numel()
+        # Windows hold the same number of tokens, but an epoch's last batch may hold fewer windows, and a
+        # conversation (task=sft) learns only the tokens whose label is not IGNORE.
+        tokens = (batch[1] != IGNORE).sum()
         return self.training_loss(self._loss(batch) * tokens, tokens)
 
-    def _token_losses(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def _token_losses(self, batch) -> torch.Tensor:
         """(B, T) next-token cross-entropy of every position (``loss_chunk_size`` positions of logits at a time)."""
-        input_ids, labels = batch
+        input_ids, labels, document_ids = self._unpack(batch)
         if self.loss_chunk_size:
-            hidden = self.backbone.hidden_states(input_ids).flatten(0, 1)
+            hidden = self.backbone.hidden_states(input_ids, **document_keywords(self.backbone, document_ids))
+            hidden = hidden.flatten(0, 1)
             chunks = zip(hidden.split(self.loss_chunk_size), labels.flatten().split(self.loss_chunk_size))
             losses = [F.cross_entropy(self.backbone.lm_head(h).float(), y, reduction="none") for h, y in chunks]
             return torch.cat(losses).view_as(labels)
-        logits = self.backbone(input_ids)
+        logits = self(input_ids, document_ids)
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view_as(labels)
 
     def _evaluate(self, batch, batch_idx: int, metric: MeanMetric) -> None:
-        losses = self._token_losses(batch)
-        metric.update(losses.mean(), weight=losses.numel())
+        losses = self._token_losses(batch)  # 0 where the label is IGNORE
+        counts = (batch[1] != IGNORE).sum(1)
+        metric.update(losses.sum() / counts.sum().clamp(min=1), weight=counts.sum())
         if (writer := self.prediction_writer) is not None:  # a line per window
             texts = None
             if self.tokenizer is not None:  # the whole window: its inputs and the last token they predict
-                windows = torch.cat([batch[0], batch[1][:, -1:]], dim=1)
-                texts = self.tokenizer.decode_batch(windows.tolist(), skip_special_tokens=False)
-            counts = torch.full((len(losses),), losses.shape[1])
+                ends = [[y] if y != IGNORE else [] for y in batch[1][:, -1].tolist()]  # none after padding
+                windows = [ids + end for ids, end in zip(batch[0].tolist(), ends)]
+                texts = self.tokenizer.decode_batch(windows, skip_special_tokens=False)
             writer.write(window_rows(writer.examples(batch_idx), losses.sum(1), counts, texts))
 
     def validation_step(self, batch, batch_idx: int) -> None:

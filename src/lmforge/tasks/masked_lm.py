@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 from lmforge.data.labels import IGNORE
 from lmforge.errors import LmforgeError
 from lmforge.models.backbone import Backbone
+from lmforge.models.documents import document_keywords
 from lmforge.predictions import window_rows
 from lmforge.tasks.base import TaskModule
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory
@@ -122,15 +123,25 @@ class MaskedLanguageModelingTask(TaskModule):
         """Wrap (B, T) windows as ``[CLS] window [SEP]`` and mask them."""
         B = window.shape[0]
         ids = torch.cat([window.new_full((B, 1), self.cls_id), window, window.new_full((B, 1), self.sep_id)], dim=1)
-        maskable = torch.ones_like(ids, dtype=torch.bool)
-        maskable[:, [0, -1]] = False
+        # Special tokens are never chosen: the ends, and the [SEP]s that join packed documents.
+        maskable = ids != self.sep_id
+        maskable[:, 0] = False
         return mask_tokens(ids, maskable, self.mask_id, self.vocab_size, self.mask_probability, generator)
 
+    def _documents(self, batch) -> dict:
+        """The backbone's keywords for the batch's ``[CLS] window [SEP]`` rows: ``document_ids`` when the
+        windows are packed (``(windows, labels, document_ids)``; [CLS] joins the first document, [SEP]
+        the last), nothing otherwise."""
+        documents = batch[2] if len(batch) > 2 else None
+        if documents is not None:
+            documents = torch.cat([documents[:, :1], documents, documents[:, -1:]], dim=1)
+        return document_keywords(self.backbone, documents)
+
     def _loss(
-        self, inputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+        self, inputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", documents: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy (mean or sum) and accuracy over the chosen positions only (the head runs on those alone)."""
-        hidden = self.backbone.hidden_states(inputs)
+        hidden = self.backbone.hidden_states(inputs, **(documents or {}))
         chosen = labels != IGNORE
         logits = self.head(hidden[chosen])
         targets = labels[chosen]
@@ -139,7 +150,7 @@ class MaskedLanguageModelingTask(TaskModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         """Mask a fresh 15% of the windows and predict them (the loss averages over the step's masked tokens)."""
         inputs, labels = self._masked_batch(batch[0], None)
-        loss_sum, _ = self._loss(inputs, labels, reduction="sum")
+        loss_sum, _ = self._loss(inputs, labels, reduction="sum", documents=self._documents(batch))
         return self.training_loss(loss_sum, (labels != IGNORE).sum())
 
     def _evaluate(self, batch, batch_idx: int, loss_metric: MeanMetric, acc_metric: MeanMetric) -> None:
@@ -147,7 +158,7 @@ class MaskedLanguageModelingTask(TaskModule):
         generator = torch.Generator(device=batch[0].device).manual_seed(batch_idx)
         inputs, labels = self._masked_batch(batch[0], generator)
         chosen = labels != IGNORE
-        logits = self.head(self.backbone.hidden_states(inputs)[chosen])
+        logits = self.head(self.backbone.hidden_states(inputs, **self._documents(batch))[chosen])
         losses = F.cross_entropy(logits.float(), labels[chosen], reduction="none")
         right = (logits.argmax(-1) == labels[chosen]).float()
         loss_metric.update(losses.mean(), weight=len(losses))

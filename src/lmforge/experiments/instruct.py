@@ -1,0 +1,107 @@
+"""Scoring an instruction-tuned run task by task: replies generated for the mixture's held-out
+conversations, each task scored by its own metric (``lmforge-evaluate`` on a ``task/source=instruct-mixture`` run).
+
+The replies are greedy, at most ``max_new_tokens`` each, decoded together by the serving engine's
+continuous batching (one KV-cache row per conversation). The metrics are those of the single-task
+runs, so that the rows of the ``instruct`` suite compare:
+
+- sst2: accuracy (the reply names the right label first);
+- samsum: ROUGE-1/2/L F-measure; multi30k: sacreBLEU and chrF (lmforge's text metrics);
+- squad: exact match and F1 (torchmetrics' SQuAD v1.1 scoring);
+- conll2003: entity precision, recall and F1 over the ``TYPE: words`` lines, as (type, words) pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import defaultdict
+
+from lmforge.data.tokenizers import EOS
+
+
+def generate_replies(backbone, tokenizer, template, conversations: list[list[dict]], max_new_tokens: int,
+                     batch_size: int = 16) -> list[str]:  # fmt: skip
+    """The greedy reply to each conversation (its last message left out: that is the reference)."""
+    from lmforge.serve.engine import GenerationEngine, Sampling, Sequence
+    from lmforge.serve.text import IncrementalText
+
+    engine = GenerationEngine(backbone.eval(), tokenizer.token_to_id(EOS), batch_size)
+    replies, done = [""] * len(conversations), threading.Semaphore(0)
+
+    def sink_for(i: int):
+        def sink(kind: str, value) -> None:
+            if kind == "text":
+                replies[i] += value
+            else:  # done or error: an error leaves the reply as it is
+                done.release()
+
+        return sink
+
+    engine.start()
+    limit = backbone.n_positions - max_new_tokens
+    for i, messages in enumerate(conversations):
+        prompt = template.render(messages[:-1], add_generation_prompt=True)
+        ids = tokenizer.encode(prompt, add_special_tokens=False).ids[-limit:]  # the prompt's end, if it must be cut
+        engine.submit(
+            Sequence(ids, Sampling(max_new_tokens, temperature=0.0), i, IncrementalText(tokenizer), sink_for(i))
+        )
+    for _ in conversations:
+        done.acquire()
+    engine.close()
+    return [reply.strip() for reply in replies]
+
+
+def score_task(task: str, replies: list[str], references: list[str]) -> dict[str, float]:
+    """``task``'s scores of the replies against the reference replies."""
+    from lmforge.tasks.text_metrics import text_scores
+
+    if task == "sst2":
+        right = [r.lower().startswith(ref) for r, ref in zip(replies, references, strict=True)]
+        return {"acc": 100 * sum(right) / len(right)}
+    if task == "samsum":
+        return text_scores(replies, references, ("rouge",))
+    if task == "multi30k":
+        return text_scores(replies, references, ("bleu", "chrf"))
+    if task == "squad":
+        from torchmetrics.text import SQuAD
+
+        scores = SQuAD()(
+            [{"prediction_text": r, "id": str(i)} for i, r in enumerate(replies)],
+            [{"answers": {"text": [ref], "answer_start": [0]}, "id": str(i)} for i, ref in enumerate(references)],
+        )
+        return {"em": float(scores["exact_match"]), "f1": float(scores["f1"])}
+    return _entity_scores(replies, references)
+
+
+def _entity_scores(replies: list[str], references: list[str]) -> dict[str, float]:
+    """Micro precision, recall and F1 (percent) of the (type, words) lines of each reply."""
+
+    def entities(text: str) -> set[tuple[str, str]]:
+        pairs = (line.split(": ", 1) for line in text.splitlines() if ": " in line)
+        return {(kind.strip(), words.strip()) for kind, words in pairs}
+
+    found = hit = gold = 0
+    for reply, reference in zip(replies, references, strict=True):
+        predicted, expected = entities(reply), entities(reference)
+        found, gold, hit = found + len(predicted), gold + len(expected), hit + len(predicted & expected)
+    precision, recall = hit / max(found, 1), hit / max(gold, 1)
+    f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+    return {"precision": 100 * precision, "recall": 100 * recall, "f1": 100 * f1}
+
+
+def evaluate_instructions(run, lines: list, max_new_tokens: int = 64) -> dict[str, float]:
+    """Generate and score the replies to a split's conversations (mixture lines): ``<task>/<metric>`` -> score."""
+    from lmforge.data.chat import run_chat_template
+
+    by_task: dict[str, list[list[dict]]] = defaultdict(list)
+    for _, _, line in lines:
+        record = json.loads(line)
+        if "task" in record:  # a mixture's conversation (a user's own file has none: nothing to score)
+            by_task[record["task"]].append(record["messages"])
+    template, scores = run_chat_template(run.cfg), {}
+    for task, conversations in sorted(by_task.items()):
+        replies = generate_replies(run.backbone, run.tokenizer, template, conversations, max_new_tokens)
+        references = [messages[-1]["content"] for messages in conversations]
+        scores.update({f"{task}/{k}": round(v, 4) for k, v in score_task(task, replies, references).items()})
+    return scores
