@@ -138,3 +138,16 @@ def test_a_dpo_run_chats_with_the_template_it_was_tuned_with(tmp_path):
     replies = generate_from_run(entry_cfg("generate", [f"run={record['run_dir']}", "chat=true", "prompt=Hi",
                                                        "max_new_tokens=4", "greedy=true"]))  # fmt: skip
     assert len(replies) == 1
+
+
+def test_samsum_pairs_prefer_each_dialogues_own_summary():
+    from lmforge.data.preference import SummaryPairs
+
+    splits = SummaryPairs(per_split=50, seed=1).load(DATA_DIR)
+    assert set(splits) >= {"train", "validation"} and all(len(lines) > 40 for lines in splits.values())
+    with open(Path(DATA_DIR) / "samsum/val.jsonl", encoding="utf-8") as f:
+        summaries = {r["summary"].strip() for r in map(json.loads, f)}
+    pairs = [json.loads(line) for _, _, line in splits["validation"]]
+    assert all(p["chosen"] in summaries and p["rejected"] in summaries and p["chosen"] != p["rejected"] for p in pairs)
+    assert pairs[0]["prompt"].startswith("Summarize this dialogue:\n")
+    assert SummaryPairs(per_split=50, seed=1).load(DATA_DIR) == splits
