@@ -151,3 +151,26 @@ def test_samsum_pairs_prefer_each_dialogues_own_summary():
     assert all(p["chosen"] in summaries and p["rejected"] in summaries and p["chosen"] != p["rejected"] for p in pairs)
     assert pairs[0]["prompt"].startswith("Summarize this dialogue:\n")
     assert SummaryPairs(per_split=50, seed=1).load(DATA_DIR) == splits
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "adapter", "prefix", "prompt"])
+def test_added_weights_off_computes_what_the_base_computes(cfg_factory, method):
+    import copy
+
+    from lmforge.compose.parts import build_backbone, build_finetune
+    from lmforge.finetune import added_weights_off
+
+    cfg = cfg_factory(["model=gpt2-tiny", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", f"finetune={method}"])
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg.model, 50).eval()
+    base = copy.deepcopy(backbone)
+    build_finetune(cfg).apply(backbone, cfg.model.get("targets"), cfg.model.name)
+    with torch.no_grad():
+        for p in backbone.parameters():
+            if p.requires_grad:  # only the added weights train: make them matter
+                p.add_(0.3 * torch.randn_like(p))
+    ids = torch.randint(0, 50, (2, 12))
+    assert not torch.allclose(backbone(ids), base(ids), atol=1e-4)
+    with added_weights_off(backbone):
+        assert torch.allclose(backbone(ids), base(ids), atol=1e-5)
+    assert not torch.allclose(backbone(ids), base(ids), atol=1e-4)  # and back on

@@ -367,22 +367,19 @@ def added_weights_off(backbone: nn.Module) -> Iterator[None]:
     adapters = [m for m in backbone.modules() if isinstance(m, BottleneckAdapter)]
     prefixed = [(m, m.prefix) for m in backbone.modules() if getattr(m, "prefix", None) is not None]
     prompt = getattr(backbone, "prompt", None)
-    try:
+
+    def switch(on: bool) -> None:
         for layer in peft_layers:
-            layer.enable_adapters(False)
+            layer.enable_adapters(on)
         for adapter in adapters:
-            adapter.enabled = False
-        for attention, _ in prefixed:
-            attention.prefix = None
+            adapter.enabled = on
+        for attention, prefix in prefixed:
+            attention.prefix = prefix if on else None
         if prompt is not None:
-            backbone.prompt = None
+            backbone.prompt = prompt if on else None
+
+    switch(False)
+    try:
         yield
     finally:
-        for layer in peft_layers:
-            layer.enable_adapters(True)
-        for adapter in adapters:
-            adapter.enabled = True
-        for attention, prefix in prefixed:
-            attention.prefix = prefix
-        if prompt is not None:
-            backbone.prompt = prompt
+        switch(True)
