@@ -19,7 +19,8 @@ def test_unknown_group_choice_lists_the_names_that_exist():
         check_group_choices(["-m", "task=tinyshakespeare,nope"])
     with pytest.raises(
         LmforgeError,
-        match=r"^Unknown task/source 'wiki'; choose one of: code, squad, sst2-pretrain, text, tinyshakespeare, wikitext2\.$",
+        match=r"^Unknown task/source 'wiki'; choose one of: chat-file, code, instruct-mixture, samsum-pairs, squad, sst2-pretrain, "
+        r"text, tinyshakespeare, wikitext2\.$",
     ):
         check_group_choices(["task=mlm", "task/source=wiki"])
     with pytest.raises(
