@@ -37,24 +37,36 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], int, str]:
     return state, state["transformer.wte.weight"].shape[0], f"nanoGPT {path.parent.name} step {ckpt['iter_num']}"
 
 
-@torch.no_grad()
-def main() -> None:
-    """Evaluate every path given on the command line."""
+def validation_windows() -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of every non-overlapping 64-character window of the validation text, (n, 64) each."""
     texts = TextCorpus(name="tinyshakespeare", builtin="tinyshakespeare").load(None)
     ids = torch.tensor(encode_text(char_tokenizer(texts["train"]), texts["validation"].text()))
     n = (len(ids) - 1) // BLOCK
-    x, y = ids[: n * BLOCK].view(n, BLOCK), ids[1 : n * BLOCK + 1].view(n, BLOCK)
-    print(f"{'checkpoint':<40} {'val loss (all ' + str(n) + ' windows)':>28}")
+    return ids[: n * BLOCK].view(n, BLOCK), ids[1 : n * BLOCK + 1].view(n, BLOCK)
+
+
+@torch.no_grad()
+def full_split_loss(path: Path, windows: tuple[torch.Tensor, torch.Tensor]) -> tuple[str, float]:
+    """Label and mean loss per character of one checkpoint (lmforge run dir or nanoGPT ckpt.pt) on ``windows``."""
+    x, y = windows
+    state, vocab, label = load(path)
+    model = GPT(vocab, n_layer=4, n_head=4, n_embd=128, n_positions=BLOCK, bias=False)
+    model.load_state_dict(state)
+    model.eval()
+    total = sum(
+        F.cross_entropy(model(x[i : i + 256]).flatten(0, 1), y[i : i + 256].flatten(), reduction="sum").item()
+        for i in range(0, len(x), 256)
+    )
+    return label, total / y.numel()
+
+
+def main() -> None:
+    """Evaluate every path given on the command line."""
+    windows = validation_windows()
+    print(f"{'checkpoint':<40} {'val loss (all ' + str(len(windows[0])) + ' windows)':>28}")
     for arg in sys.argv[1:]:
-        state, vocab, label = load(Path(arg))
-        model = GPT(vocab, n_layer=4, n_head=4, n_embd=128, n_positions=BLOCK, bias=False)
-        model.load_state_dict(state)
-        model.eval()
-        total = sum(
-            F.cross_entropy(model(x[i : i + 256]).flatten(0, 1), y[i : i + 256].flatten(), reduction="sum").item()
-            for i in range(0, n, 256)
-        )
-        print(f"{label:<40} {total / (n * BLOCK):28.4f}")
+        label, loss = full_split_loss(Path(arg), windows)
+        print(f"{label:<40} {loss:28.4f}")
 
 
 if __name__ == "__main__":

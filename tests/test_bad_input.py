@@ -33,7 +33,7 @@ CASES = [
     # (name, argv: entry point then arguments, env, pattern of the one sentence after "error: ")
     ("unknown-model", ["train", "model=gtp2"], {}, r"Unknown model 'gtp2'; choose one of: .*gpt2-tiny"),
     ("unknown-task", ["train", "task=sst3"], {}, r"Unknown task 'sst3'; choose one of: .*sst2"),
-    ("unknown-optimizer", ["train", "optimizer=adamm"], {}, r"Unknown optimizer 'adamm'; choose one of: adamw, sgd\.$"),
+    ("unknown-optimizer", ["train", "optimizer=adamm"], {}, r"Unknown optimizer 'adamm'; choose one of: adamw, muon, sgd\.$"),
     ("unknown-experiment", ["train", "experiment=shakespeare-chr"], {}, r"Unknown experiment 'shakespeare-chr'"),
     ("sweep-bad-value", ["train", "-m", "model=gpt2-tiny,gtp2"], {}, r"Unknown model 'gtp2'"),
     ("key-typo", ["train", "trainer.max_stpes=3"], {}, r"^trainer\.max_stpes is not a config key \(did you mean trainer\.max_steps\?\)"),

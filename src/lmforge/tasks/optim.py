@@ -29,7 +29,9 @@ def configure_optimization(
     if getattr(optimizer, "keywords", {}).get("fused") and "mixed" in str(task.trainer.precision):
         # Lightning's mixed-precision plugin cannot clip the gradients of a fused optimizer.
         overrides["fused"] = False
-    opt = optimizer(weight_decay_groups(task), **overrides)
+    # An optimizer class may split the parameters its own way (MuonAdamW: hidden matrices vs the rest).
+    groups = getattr(getattr(optimizer, "func", None), "parameter_groups", weight_decay_groups)
+    opt = optimizer(groups(task), **overrides)
     if scheduler is None:
         return {"optimizer": opt}
     total = int(task.trainer.estimated_stepping_batches)
