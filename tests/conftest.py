@@ -167,6 +167,17 @@ class CrashAtStep:
         return _Crash()
 
 
+def crashed_run(cfg_factory, overrides: list[str], step: int = 5) -> str:
+    """Train ``overrides`` (last checkpoint every 2 steps) until a simulated crash at ``step``; its run dir."""
+    from lmforge.training import run_training
+
+    crashing = cfg_factory([*overrides, "callbacks.last_checkpoint.every_n_train_steps=2",
+                            "+callbacks.crash._target_=conftest.CrashAtStep", f"+callbacks.crash.step={step}"])  # fmt: skip
+    with pytest.raises(SimulatedCrash):
+        run_training(crashing)
+    return crashing.paths.run_dir
+
+
 @pytest.fixture(scope="session")
 def sst2_run(tmp_path_factory):
     """A short real SST-2 run (BiLSTM, 300 steps), trained once for every test that needs one."""

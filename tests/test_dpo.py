@@ -99,7 +99,7 @@ def test_a_few_steps_prefer_the_chosen_replies(tmp_path, finetune):
 
 
 def test_a_resumed_dpo_run_keeps_its_reference_and_ends_where_an_uninterrupted_one_ends(cfg_factory, tmp_path):
-    from conftest import SimulatedCrash
+    from conftest import crashed_run
     from lmforge.training import run_training
 
     pairs = samsum_pairs(tmp_path / "pairs.jsonl", 12)
@@ -109,11 +109,8 @@ def test_a_resumed_dpo_run_keeps_its_reference_and_ends_where_an_uninterrupted_o
              "trainer.val_check_interval=4", "trainer.log_every_n_steps=1", "optimizer.lr=3e-3",
              "scheduler.warmup_steps=0", "test_after_fit=false"]  # fmt: skip
     straight = run_training(cfg_factory(split))
-    crashing = cfg_factory([*split, "callbacks.last_checkpoint.every_n_train_steps=2",
-                            "+callbacks.crash._target_=conftest.CrashAtStep", "+callbacks.crash.step=5"])  # fmt: skip
-    with pytest.raises(SimulatedCrash):
-        run_training(crashing)
-    resumed = run_training(cfg_factory([f"resume={crashing.paths.run_dir}"]))
+    run_dir = crashed_run(cfg_factory, split)
+    resumed = run_training(cfg_factory([f"resume={run_dir}"]))
     assert resumed["steps"] == 8
     for key in ("train/loss", "val/loss", "val/margin"):
         assert resumed["metrics"][key] == pytest.approx(straight["metrics"][key], abs=1e-5), key

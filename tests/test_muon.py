@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY, SimulatedCrash, make_cfg
+from conftest import TINY, crashed_run, make_cfg
 from lmforge.compose.parts import build_backbone
 from lmforge.errors import LmforgeError
 from lmforge.models.gpt import GPT
@@ -139,11 +139,7 @@ def test_a_few_steps_on_tiny_shakespeare_lower_the_loss(cfg_factory):
 def test_crash_then_resume_ends_where_an_uninterrupted_run_ends(cfg_factory):
     split = [*MUON, "trainer.max_steps=8", "trainer.val_check_interval=4", "model.dropout=0.1"]
     straight = run_training(cfg_factory(split))
-    crashing = cfg_factory([*split, "callbacks.last_checkpoint.every_n_train_steps=2",
-                            "+callbacks.crash._target_=conftest.CrashAtStep", "+callbacks.crash.step=5"])  # fmt: skip
-    with pytest.raises(SimulatedCrash):
-        run_training(crashing)
-    run_dir = crashing.paths.run_dir
+    run_dir = crashed_run(cfg_factory, split)
     saved = torch.load(Path(run_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 4 and len(saved["optimizer_states"][0]["state"]) > 0
     resumed = run_training(cfg_factory([f"resume={run_dir}"]))

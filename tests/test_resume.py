@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, SimulatedCrash, free_port, requires_data, run_cli, torchrun_nodes
+from conftest import REPO, TINY, SimulatedCrash, crashed_run, free_port, requires_data, run_cli, torchrun_nodes
 from lmforge.errors import LmforgeError
 from lmforge.training import run_training
 
@@ -37,11 +37,7 @@ SPLIT_SEQ2SEQ = ["model=transformer", "task=multi30k", "model.n_layer=1", "model
 )
 def test_crash_then_resume_ends_where_an_uninterrupted_run_ends(cfg_factory, split):
     straight = run_training(cfg_factory(split))
-    crashing = cfg_factory([*split, "callbacks.last_checkpoint.every_n_train_steps=2",
-                            "+callbacks.crash._target_=conftest.CrashAtStep", "+callbacks.crash.step=5"])  # fmt: skip
-    with pytest.raises(SimulatedCrash):
-        run_training(crashing)
-    run_dir = crashing.paths.run_dir
+    run_dir = crashed_run(cfg_factory, split)
     assert torch.load(Path(run_dir) / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
     resumed = run_training(cfg_factory([f"resume={run_dir}"]))

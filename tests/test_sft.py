@@ -187,7 +187,7 @@ def test_chat_reuses_the_cache_across_turns_and_answers_in_the_terminal(sft_run)
     assert done.stdout.count("assistant> ") == 2
 
 
-def test_chat_needs_a_conversation_run(tmp_path):
+def test_chat_without_a_run_dir_is_one_sentence(tmp_path):
     from lmforge.inference import generate_from_run
 
     run = Path(__file__)  # not a run dir: the usual sentence
