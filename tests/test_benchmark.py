@@ -17,6 +17,7 @@ from lmforge.errors import LmforgeError
 from lmforge.experiments.benchmark import Suite, SuiteRun, load_suite, run_overrides, selected_runs
 from lmforge.experiments.report import (
     SUITE_FILE,
+    bar_groups,
     read_records,
     read_suite,
     summary_table,
@@ -152,6 +153,23 @@ def test_report_files_and_a_results_section_that_is_rewritten_in_place(report_di
     second = md.read_text()
     assert second.count("<!-- suite:s") == 1 and second.endswith("A closing paragraph.\n")
     assert "| lstm | 2 | 0.8100 ± 0.0141 |" in second
+
+
+def test_bars_compare_rows_column_by_column_where_each_row_scores_some_columns(report_dir):
+    """The instruct suite's shape: a mixture row scores every task, a single-task row only its own."""
+    meta, records = read_suite(report_dir)
+    meta.update(bars=True, metric="test/a", columns=["test/b"])
+    for r in records:
+        r["metrics"] = {"test/a": 10.0 * r["seed"], "test/b": 1.0} if r["run"] == "gru" else {"test/b": 3.0}
+    assert bar_groups(meta, records) == {
+        "test/a": [("gru", 15.0, pytest.approx(statistics.stdev([10.0, 20.0])), False)],  # lstm has no test/a
+        "test/b": [("gru", 1.0, 0.0, False), ("lstm", 3.0, 0.0, False)],
+    }
+    (report_dir / SUITE_FILE).write_text(json.dumps(meta))
+    with open(report_dir / "results.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    assert "![s: each column](bars.png)" in write_report(report_dir).read_text()
+    assert (report_dir / "bars.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_report_refuses_a_folder_without_a_suite(tmp_path):

@@ -284,9 +284,15 @@ def test_evaluate_scores_a_mixture_run_task_by_task(tmp_path):
                                     "task.data.skip_invalid=true", "logger=none", "trainer.max_steps=4",
                                     "trainer.val_check_interval=4"], tmp_path / "outputs"))  # fmt: skip
     assert "test/loss" in record["metrics"]  # the mixture has a test split: each task's own
+    keys = ("test/sst2/acc", "test/samsum/rougeL", "test/multi30k/bleu", "test/squad/f1", "test/conll2003/f1")
+    for key in keys:  # the training run scored its test replies at its end
+        assert key in record["metrics"] and 0 <= record["metrics"][key] <= 100, key
     scores = evaluate_run(entry_cfg("evaluate", [f"run={record['run_dir']}", "max_new_tokens=8"]))["metrics"]
-    for key in ("test/sst2/acc", "test/samsum/rougeL", "test/multi30k/bleu", "test/squad/f1", "test/conll2003/f1"):
+    for key in keys:
         assert key in scores and 0 <= scores[key] <= 100, key
+    # The same best checkpoint, the same greedy replies: evaluate gives what training recorded (64 tokens there).
+    again = evaluate_run(entry_cfg("evaluate", [f"run={record['run_dir']}"]))["metrics"]
+    assert {k: again[k] for k in keys} == {k: record["metrics"][k] for k in keys}
 
 
 def test_packed_conversations_give_the_loss_and_gradients_of_padded_ones(tmp_path):

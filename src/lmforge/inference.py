@@ -18,6 +18,7 @@ from lmforge.console import setup_console
 from lmforge.data.chat import run_chat_template
 from lmforge.data.tokenizers import EOS
 from lmforge.errors import LmforgeError
+from lmforge.experiments.instruct import score_replies
 from lmforge.generation import generate
 from lmforge.models.backbone import backbone_kind
 from lmforge.rundirs.checkpoints import load_task_state
@@ -195,11 +196,10 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     )
     runner = trainer.test if split == "test" else trainer.validate
     metrics = {k: round(float(v), 6) for k, v in runner(task, datamodule=datamodule, verbose=False)[0].items()}
-    if split in getattr(datamodule, "lines", {}):  # tuned on the instruction mixture: each task by its metric
-        from lmforge.experiments.instruct import evaluate_instructions
-
-        scores = evaluate_instructions(run, datamodule.lines[split], cfg.get("max_new_tokens") or 64)
-        metrics.update({f"{split}/{name}": value for name, value in scores.items()})
+    # A run tuned on the instruction mixture: each task's replies scored by that task's metric.
+    metrics.update(
+        score_replies(run.backbone, run.tokenizer, run.cfg, datamodule, split, cfg.get("max_new_tokens") or 64)
+    )
     record = {
         "run_dir": str(run.run_dir),
         "checkpoint": str(run.checkpoint),

@@ -27,6 +27,7 @@ from lmforge.distributed import (
     slurm_restarts,
     torchrun_restart_caveat,
 )
+from lmforge.experiments.instruct import score_replies
 from lmforge.finetune import describe_trainable
 from lmforge.rundirs.checkpoints import resume_checkpoint
 from lmforge.rundirs.choose import choose_run_dir, command_line_overrides
@@ -184,6 +185,8 @@ def _fit_and_test(cfg: DictConfig, run: Run, start_from: Path | None, last_ckpt:
         # The checkpoint, not the model in memory: with callbacks=ema it holds the averaged weights.
         test = trainer.test(run.task, datamodule=run.datamodule, ckpt_path=best or str(last_ckpt), verbose=False)
         metrics.update(_float_metrics(test[0] if test else {}))
+        if is_rank_zero():  # tuned on the instruction mixture: each task's replies scored by its own metric
+            metrics.update(score_replies(run.backbone, run.tokenizer, cfg, run.datamodule, "test"))
     if checkpoint is not None and checkpoint.best_model_score is not None:
         metrics[f"best_{checkpoint.monitor}"] = round(float(checkpoint.best_model_score), 6)
     return _Outcome(metrics, best or None, stopped_early)

@@ -9,6 +9,7 @@ A suite (``conf/suite/<name>.yaml``) names its runs and the overrides of ``train
     mode: max
     curve: val/acc            # the validation curve to plot
     columns: [test/acc]       # more metrics for the table (or trainable_share, step_ms, peak_memory_mb)
+    bars: false               # true: also bars.png, a bar per run for each of these columns
     seeds: [1337, 1]
     groups:                   # named lists of overrides; "@name" in a run's list expands to one
       transformer: [task=sst2, scheduler=linear]
@@ -79,6 +80,7 @@ class Suite:
     mode: str = "min"
     curve: str | None = None
     columns: list[str] = field(default_factory=list)
+    bars: bool = False
     notes: str = ""
     task: str | None = None
     baselines: list[SuiteBaseline] = field(default_factory=list)
@@ -92,6 +94,7 @@ class Suite:
             "mode": self.mode,
             "curve": self.curve,
             "columns": list(self.columns),
+            "bars": self.bars,
             "notes": self.notes,
             "runs": [r.name for r in self.runs if r.report],
             "baselines": [b.name for b in self.baselines],
@@ -134,6 +137,7 @@ def load_suite(cfg: DictConfig) -> Suite:
         mode=mode,
         curve=cfg.get("curve"),
         columns=[str(c) for c in cfg.get("columns") or []],
+        bars=bool(cfg.get("bars")),
         notes=str(cfg.get("notes") or "").strip(),
         task=task,
         baselines=baselines,

@@ -9,6 +9,9 @@ runs, so that the rows of the ``instruct`` suite compare:
 - samsum: ROUGE-1/2/L F-measure; multi30k: sacreBLEU and chrF (lmforge's text metrics);
 - squad: exact match and F1 (torchmetrics' SQuAD v1.1 scoring);
 - conll2003: entity precision, recall and F1 over the ``TYPE: words`` lines, as (type, words) pairs.
+
+A training run on the mixture scores its test split at its end (the scores are in its record);
+``lmforge-evaluate`` scores either held-out split of a saved run.
 """
 
 from __future__ import annotations
@@ -90,18 +93,21 @@ def _entity_scores(replies: list[str], references: list[str]) -> dict[str, float
     return {"precision": 100 * precision, "recall": 100 * recall, "f1": 100 * f1}
 
 
-def evaluate_instructions(run, lines: list, max_new_tokens: int = 64) -> dict[str, float]:
-    """Generate and score the replies to a split's conversations (mixture lines): ``<task>/<metric>`` -> score."""
+def score_replies(backbone, tokenizer, cfg, datamodule, split: str, max_new_tokens: int = 64) -> dict[str, float]:
+    """Generate and score the replies to ``split``'s mixture conversations: ``<split>/<task>/<metric>`` -> score.
+
+    Empty when the data module holds no such conversations (a user's own chat file has no ``task`` to score by).
+    """
     from lmforge.data.chat import run_chat_template
 
     by_task: dict[str, list[list[dict]]] = defaultdict(list)
-    for _, _, line in lines:
+    for _, _, line in getattr(datamodule, "lines", {}).get(split, []):
         record = json.loads(line)
-        if "task" in record:  # a mixture's conversation (a user's own file has none: nothing to score)
+        if "task" in record:
             by_task[record["task"]].append(record["messages"])
-    template, scores = run_chat_template(run.cfg), {}
+    template, scores = run_chat_template(cfg), {}
     for task, conversations in sorted(by_task.items()):
-        replies = generate_replies(run.backbone, run.tokenizer, template, conversations, max_new_tokens)
+        replies = generate_replies(backbone, tokenizer, template, conversations, max_new_tokens)
         references = [messages[-1]["content"] for messages in conversations]
-        scores.update({f"{task}/{k}": round(v, 4) for k, v in score_task(task, replies, references).items()})
+        scores.update({f"{split}/{task}/{k}": round(v, 4) for k, v in score_task(task, replies, references).items()})
     return scores

@@ -1,7 +1,8 @@
 """A benchmark suite's report, rendered from its ``results.jsonl`` alone (no training):
 ``report.md`` (the baseline rows first, then mean ± std over seeds, wall time, tokens/s, parameters,
-then every seed), ``curves.png`` (the validation curve of each run) and ``metric_vs_time.png`` (where
-the baselines are horizontal lines).
+then every seed), ``curves.png`` (the validation curve of each run), ``metric_vs_time.png`` (where
+the baselines are horizontal lines) and, for a suite with ``bars: true``, ``bars.png`` (each column's
+value per run, for rows that score different tasks).
 
     lmforge-report outputs/benchmarks/shakespeare
     lmforge-report benchmarks/suites/* --results-md benchmarks/RESULTS.md   # also rewrite each suite's section there
@@ -23,6 +24,7 @@ RESULTS_FILE = "results.jsonl"  # one record per (run, seed), appended as runs f
 SUITE_FILE = "suite.json"  # the suite as it was declared
 CURVES_PNG = "curves.png"
 TIME_PNG = "metric_vs_time.png"
+BARS_PNG = "bars.png"
 BASELINE = "baseline"  # the ``kind`` of a baseline row's record: no training, so no seed, steps, time or parameters
 NOT_APPLICABLE = "—"
 
@@ -214,6 +216,40 @@ def plot_metric_vs_time(meta: dict[str, Any], records: list[dict[str, Any]], png
     return _save(plt, fig, ax, meta["title"], "wall time (min)", metric, png)
 
 
+def bar_groups(meta: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, list[tuple[str, float, float, bool]]]:
+    """Column -> ``(row, mean over seeds, standard deviation or 0, is a baseline)`` for each row that has it."""
+    groups = by_run(records)
+    bars: dict[str, list[tuple[str, float, float, bool]]] = {}
+    for column in _columns(meta):
+        bars[column] = []
+        for name, rs in groups.items():
+            values = [v for r in rs if (v := r["metrics"].get(column)) is not None]
+            if values:
+                mean, std = mean_std(values)
+                bars[column].append((name, mean, std or 0.0, is_baseline(rs[0])))
+    return bars
+
+
+def plot_bars(meta: dict[str, Any], records: list[dict[str, Any]], png: Path) -> Path | None:
+    """For a suite with ``bars: true``: a group of bars per table column, a bar per row that has the column
+    (rows that score different tasks compare column by column); baselines hatched."""
+    groups = bar_groups(meta, records) if meta.get("bars") else {}
+    if not any(groups.values()):
+        return None
+    colours = {name: f"C{i % 10}" for i, name in enumerate(by_run(records))}
+    plt, fig, ax = _figure()
+    labelled: set[str] = set()
+    for x, bars in enumerate(groups.values()):
+        width = 0.8 / max(len(bars), 1)
+        for i, (name, mean, std, baseline) in enumerate(bars):
+            label = None if name in labelled else f"{name} (baseline)" if baseline else name
+            labelled.add(name)
+            ax.bar(x - 0.4 + width * (i + 0.5), mean, width, yerr=std, capsize=2, color=colours[name],
+                   hatch="//" if baseline else None, label=label)  # fmt: skip
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
+    return _save(plt, fig, ax, meta["title"], "", "score", png)
+
+
 def _baseline_lines(ax, records: list[dict[str, Any]], key: str) -> None:
     """A horizontal line at each baseline's ``key`` (a baseline has one value, whatever the x axis)."""
     lines = [r for r in records if is_baseline(r) and key in r["metrics"]]
@@ -261,7 +297,11 @@ def section(out: str | Path, relative_to: Path | None = None, heading: str = "##
     if not records:
         return "\n".join([*parts, "No run of this suite has finished yet.", ""])
     parts += [summary_table(meta, records), ""]
-    for png, what in ((CURVES_PNG, "validation curves"), (TIME_PNG, "metric against wall time")):
+    for png, what in (
+        (CURVES_PNG, "validation curves"),
+        (TIME_PNG, "metric against wall time"),
+        (BARS_PNG, "each column"),
+    ):
         if (out / png).is_file():
             parts.append(f"![{meta['name']}: {what}]({Path(os.path.relpath(out / png, base)).as_posix()})")
     if trained(records):
@@ -274,7 +314,7 @@ def write_report(out: str | Path) -> Path:
     """Render ``report.md`` and the plots of a report folder from its records; return the report's path."""
     out = Path(out)
     meta, records = read_suite(out)
-    for png, plot in ((CURVES_PNG, plot_curves), (TIME_PNG, plot_metric_vs_time)):
+    for png, plot in ((CURVES_PNG, plot_curves), (TIME_PNG, plot_metric_vs_time), (BARS_PNG, plot_bars)):
         if plot(meta, records, out / png) is None:
             (out / png).unlink(missing_ok=True)
     report = out / REPORT_FILE
