@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lmforge.models.backbone import Seq2SeqBackbone
+from lmforge.models.copy import CopyHead
 from lmforge.models.layers import Attention, BlockRunner, KVCache, attention_mask_for, memory_keys_values
 
 
@@ -106,6 +107,7 @@ class Transformer(BlockRunner, Seq2SeqBackbone):
         attention_dropout: dropout on the attention weights (None: ``dropout``). At 0 the attention
             runs the fused kernel, not the unfused one that dropout needs: a faster step on a CPU.
         activation_dropout: dropout inside the feed-forward network (None: ``dropout``).
+        copy: a copy head (:mod:`lmforge.models.copy`): each output token may also be copied from the source.
     """
 
     def __init__(
@@ -121,6 +123,7 @@ class Transformer(BlockRunner, Seq2SeqBackbone):
         norm_first: bool = False,
         attention_dropout: float | None = None,
         activation_dropout: float | None = None,
+        copy: bool = False,
     ):
         super().__init__()
         self.vocab_size = vocab_size
@@ -137,6 +140,7 @@ class Transformer(BlockRunner, Seq2SeqBackbone):
         # Pre-norm stacks end with a LayerNorm; post-norm ones already end normalised.
         self.encoder_norm = nn.LayerNorm(d_model) if norm_first else nn.Identity()
         self.decoder_norm = nn.LayerNorm(d_model) if norm_first else nn.Identity()
+        self.copy_head = CopyHead(d_model, d_model) if copy else None
         for param in self.parameters():
             if param.dim() > 1:
                 nn.init.xavier_uniform_(param)
@@ -154,13 +158,14 @@ class Transformer(BlockRunner, Seq2SeqBackbone):
             raise ValueError(f"sequence of {end} tokens is longer than n_positions={self.n_positions}")
         return self.dropout(self.embed(ids) * math.sqrt(self.hidden_size) + self.positions[start:end])
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, S) source ids and mask -> (B, S, d_model) encoder output."""
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """(B, S) source ids and mask -> (B, S, d_model) encoder output (and the source ids, with a copy head)."""
         x = self._embed(input_ids)
         mask = attention_mask_for(attention_mask, x.shape[1], x.shape[1], causal=False, device=x.device)
         for layer in self.encoder:
             x = self.run_block(layer, x, mask)
-        return self.encoder_norm(x)
+        memory = self.encoder_norm(x)
+        return (memory, input_ids) if self.copy_head is not None else memory
 
     def new_cache(self) -> KVCache:
         """An empty cache for :meth:`decode`: decoder self-attention keys/values plus the encoder's, computed once."""
@@ -169,11 +174,14 @@ class Transformer(BlockRunner, Seq2SeqBackbone):
     def decode(
         self,
         decoder_input_ids: torch.Tensor,
-        memory: torch.Tensor,
+        memory,
         memory_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Next-token logits (B, T, V) for the target so far, given the encoder output (B, S, C) and its mask (B, S)."""
+        """Next-token logits (B, T, V) for the target so far, given :meth:`encode`'s output and the (B, S) mask
+        (log-probabilities with a copy head)."""
+        if self.copy_head is not None:
+            memory, source_ids = memory
         past = cache.length if cache is not None else 0
         x = self._embed(decoder_input_ids, start=past)
         T = x.shape[1]
@@ -182,4 +190,8 @@ class Transformer(BlockRunner, Seq2SeqBackbone):
         for i, layer in enumerate(self.decoder):
             kv = memory_keys_values(layer.cross_attn, memory, cache, i)
             x = self.run_block(layer, x, self_mask, kv, cross_mask, cache.layers[i] if cache is not None else None)
-        return self.decoder_norm(x) @ self.embed.weight.T
+        hidden = self.decoder_norm(x)
+        logits = hidden @ self.embed.weight.T
+        if self.copy_head is not None:
+            return self.copy_head(logits, hidden, memory, memory_mask, source_ids)
+        return logits
