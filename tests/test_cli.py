@@ -11,15 +11,15 @@ from lmforge.overrides import check_group_choices
 def test_unknown_group_choice_lists_the_names_that_exist():
     with pytest.raises(
         LmforgeError,
-        match=r"^Unknown model 'gtp2'; choose one of: bert-base, bert-mini, bert-tiny, gpt2, gpt2-mini, gpt2-tiny, gru, "
-        r"gru-attention, lstm, lstm-attention, t5-mini, t5-small, t5-tiny, transformer\.$",
+        match=r"^Unknown model 'gtp2'; choose one of: bert-base, bert-mini, bert-tiny, bidaf, gpt2, gpt2-mini, gpt2-tiny, "
+        r"gru, gru-attention, lstm, lstm-attention, t5-mini, t5-small, t5-tiny, transformer\.$",
     ):
         check_group_choices(["model=gtp2"])
     with pytest.raises(LmforgeError, match="Unknown task 'nope'"):
         check_group_choices(["-m", "task=tinyshakespeare,nope"])
     with pytest.raises(
         LmforgeError,
-        match=r"^Unknown task/source 'wiki'; choose one of: chat-file, code, instruct-mixture, samsum-pairs, squad, sst2-pretrain, "
+        match=r"^Unknown task/source 'wiki'; choose one of: chat-file, code, instruct-mixture, instruct-pretrain, samsum-pairs, squad, sst2-pretrain, "
         r"text, tinyshakespeare, wikitext2\.$",
     ):
         check_group_choices(["task=mlm", "task/source=wiki"])
@@ -37,8 +37,8 @@ def test_cli_unknown_model_is_one_line_and_exit_1():
     assert result.returncode == 1
     assert (
         result.stderr.strip()
-        == "error: Unknown model 'gtp2'; choose one of: bert-base, bert-mini, bert-tiny, gpt2, gpt2-mini, gpt2-tiny, "
-        "gru, gru-attention, lstm, lstm-attention, t5-mini, t5-small, t5-tiny, transformer."
+        == "error: Unknown model 'gtp2'; choose one of: bert-base, bert-mini, bert-tiny, bidaf, gpt2, gpt2-mini, "
+        "gpt2-tiny, gru, gru-attention, lstm, lstm-attention, t5-mini, t5-small, t5-tiny, transformer."
     )
     assert "Traceback" not in result.stderr + result.stdout
 

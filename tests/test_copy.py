@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from lmforge.generation import generate
 from lmforge.models.copy import CopyHead
+from lmforge.models.rnn_seq2seq import RNNSeq2Seq
+from lmforge.models.t5 import T5
 from lmforge.models.transformer import Transformer
 
 EOS, PAD = 1, 0
@@ -43,13 +45,24 @@ def copying_transformer(copy: bool) -> Transformer:
                        dropout=0.0, norm_first=True, copy=copy)  # fmt: skip
 
 
-def test_a_copying_transformer_decodes_step_by_step_as_in_one_pass():
-    model = copying_transformer(copy=True).eval()
+# Every encoder-decoder backbone takes copy=true, at a tiny size.
+COPYING = {
+    "transformer": lambda: Transformer(1000, n_layer=1, n_head=2, d_model=32, d_ff=64, dropout=0.0, copy=True),
+    "t5": lambda: T5(1000, n_layer=1, n_head=2, d_model=32, d_kv=16, d_ff=64, dropout=0.0, copy=True),
+    "gru-attention": lambda: RNNSeq2Seq(1000, cell="gru", hidden_size=16, embedding_size=16, copy=True),
+}
+
+
+@pytest.mark.parametrize("name", COPYING)
+def test_every_encoder_decoder_copies_and_decodes_step_by_step_as_in_one_pass(name):
+    torch.manual_seed(0)
+    model = COPYING[name]().eval()
     source = torch.randint(10, 1000, (3, 7))
     mask = torch.ones_like(source)
     mask[2, 5:] = 0
     target = torch.randint(10, 1000, (3, 6))
     whole = model(source, mask, target)
+    torch.testing.assert_close(whole.exp().sum(-1), torch.ones(3, 6))  # log-probabilities of the mix
     memory, cache = model.encode(source, mask), model.new_cache()
     steps = [model.decode(target[:, t : t + 1], memory, mask, cache) for t in range(target.shape[1])]
     torch.testing.assert_close(torch.cat(steps, 1), whole, atol=1e-5, rtol=1e-5)

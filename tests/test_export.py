@@ -129,3 +129,9 @@ def test_runs_without_a_hf_equivalent_say_so(cfg_factory, tmp_path):
     record = run_training(cfg_factory(["model=lstm", "task=sst2", *FAST]))
     with pytest.raises(LmforgeError, match="Model lstm has no Hugging Face equivalent"):
         export_run(record["run_dir"], tmp_path / "hf2")
+    record = run_training(cfg_factory(["model=t5-tiny", "model.copy=true", "task=multi30k", "test_after_fit=false",
+                                       "task.module.val_generate_limit=2", "task.module.max_new_tokens=4", *FAST]))  # fmt: skip
+    with pytest.raises(
+        LmforgeError, match=r"copies source tokens \(model.copy=true\), which T5ForConditionalGeneration"
+    ):
+        export_run(record["run_dir"], tmp_path / "hf3")

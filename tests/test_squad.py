@@ -424,3 +424,39 @@ def test_a_head_of_another_kind_is_not_loaded_even_when_its_shape_fits(cfg_facto
     assert (
         "backbone and 0 head tensors" in message and "not used from the checkpoint: head.bias, head.weight" in message
     )
+
+
+def test_bidaf_reads_each_window_alone_and_leaves_the_question_positions_empty():
+    from lmforge.models.bidaf import BiDAF
+
+    torch.manual_seed(0)
+    model = BiDAF(50, embedding_size=16, hidden_size=8, modeling_layers=2, dropout=0.0).eval()
+    # [CLS] question [SEP] context [SEP]: a short window, and a longer one padded to the batch.
+    short = ([1, 5, 6, 2, 7, 5, 8, 2], [0, 0, 0, 0, 1, 1, 1, 1])
+    long = ([1, 9, 2, 10, 11, 9, 12, 13, 14, 2], [0, 0, 0, 1, 1, 1, 1, 1, 1, 1])
+    ids = torch.tensor([short[0] + [0, 0], long[0]])
+    segments = torch.tensor([short[1] + [0, 0], long[1]])
+    mask = torch.tensor([[1] * 8 + [0, 0], [1] * 10])
+    batched = model.hidden_states(ids, mask, segments)
+    alone = model.hidden_states(torch.tensor([short[0]]), torch.ones(1, 8, dtype=torch.long), torch.tensor([short[1]]))
+    torch.testing.assert_close(
+        batched[0, :8], alone[0], atol=1e-5, rtol=1e-5
+    )  # padding and the other row change nothing
+    assert batched.shape == (2, 10, model.hidden_size)
+    assert torch.equal(batched[:, 0], model.no_answer.expand(2, -1))  # [CLS]: where a window without the answer points
+    assert batched[0, 1:4].abs().sum() == 0 and batched[0, 8:].abs().sum() == 0  # question, [SEP] and padding
+    assert (batched[0, 4:8].abs().sum(-1) > 0).all()  # the context
+    with pytest.raises(ValueError, match="token_type_ids"):
+        model.hidden_states(ids, mask)
+
+
+@requires_data
+@pytest.mark.slow
+def test_bidaf_learns_where_answers_are(tmp_path):
+    """A tiny BiDAF from scratch: its loss falls from ln(window) within a few dozen steps, and it answers."""
+    record = run_training(make_cfg([*TINY_QA, "model=bidaf", "model.embedding_size=64", "model.hidden_size=32", "optimizer.lr=5e-3",
+                                    "trainer.max_steps=40", "trainer.val_check_interval=40"], tmp_path))  # fmt: skip
+    with open(Path(record["run_dir"]) / "csv" / "metrics.csv") as f:
+        losses = [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    assert sum(losses[-10:]) / 10 < 0.85 * sum(losses[:5]) / 5, losses
+    assert 0 < record["metrics"]["test/f1"] <= 100

@@ -51,6 +51,10 @@ def _check_exportable(task: nn.Module, kind: str | None, family: Family) -> None
                 f"This classifier pools with '{task.pooling}'; {family.architectures[kind]} reads the "
                 f"{'[CLS] pooler' if wanted == 'cls' else 'last token'}, so only pooling={wanted} runs export."
             )
+    if getattr(task.backbone, "copy_head", None) is not None:
+        raise LmforgeError(
+            f"This run copies source tokens (model.copy=true), which {family.architectures[kind]} cannot do."
+        )
     if kind == TOKEN_CLASSIFICATION and (task.crf is not None or task.spelling is not None):
         raise LmforgeError(
             "This tagger has a CRF or character/casing features, which AutoModelForTokenClassification lacks."

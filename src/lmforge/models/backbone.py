@@ -15,7 +15,7 @@ from torch import nn
 from lmforge.models.tuning import SoftPrompt
 
 # What a backbone can be; tasks say which of these they train (``TaskModule.backbone_kinds``).
-KINDS = ("encoder", "decoder", "seq2seq", "rnn")
+KINDS = ("encoder", "decoder", "seq2seq", "rnn", "reader")
 
 
 def backbone_kind(model: Any) -> str | None:
@@ -32,8 +32,9 @@ class Backbone(nn.Module):
 
     Class attributes (readable from the class, before anything is built):
         kind: ``"encoder"`` (bidirectional, BERT), ``"decoder"`` (causal, GPT), ``"seq2seq"``
-            (encoder-decoder: Transformer, T5, RNNSeq2Seq; see :class:`Seq2SeqBackbone`) or ``"rnn"``
-            (recurrent encoder).
+            (encoder-decoder: Transformer, T5, RNNSeq2Seq; see :class:`Seq2SeqBackbone`), ``"rnn"``
+            (recurrent encoder) or ``"reader"`` (reads a question and a context apart: BiDAF, for
+            extractive question answering only).
         supports_prompt: finetune=prompt may give it a soft prompt (:meth:`set_prompt`).
         takes_token_type_ids: ``hidden_states`` takes ``token_type_ids`` (segment ids, BERT).
         takes_document_ids: ``hidden_states`` and ``forward`` take ``document_ids`` (packed rows: GPT, BERT).

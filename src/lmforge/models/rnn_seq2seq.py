@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lmforge.models.backbone import Seq2SeqBackbone
+from lmforge.models.copy import CopyHead
 from lmforge.models.rnn import check_cell, real_tokens_first, recurrent_layers, restore_order, run_packed
 
 
@@ -137,6 +138,7 @@ class RNNSeq2Seq(Seq2SeqBackbone):
         dropout: dropout on the embeddings, between stacked layers and on the attentional vectors.
         n_positions: longest source or target the tasks and generation will pass (recurrent
             layers have no table to outgrow; it is the limit other code reads and reports).
+        copy: a copy head (:mod:`lmforge.models.copy`): each output token may also be copied from the source.
     """
 
     def __init__(
@@ -150,6 +152,7 @@ class RNNSeq2Seq(Seq2SeqBackbone):
         attention: str = "additive",
         dropout: float = 0.0,
         n_positions: int = 512,
+        copy: bool = False,
     ):
         super().__init__()
         check_cell(cell)
@@ -173,6 +176,7 @@ class RNNSeq2Seq(Seq2SeqBackbone):
         self.combine = nn.Linear(2 * width, width, bias=False)
         self.out_proj = nn.Linear(width, embedding_size, bias=False)
         self.out_bias = nn.Parameter(torch.zeros(vocab_size))
+        self.copy_head = CopyHead(width, width) if copy else None
         nn.init.normal_(self.embed.weight, std=0.1)
 
     @staticmethod
@@ -196,13 +200,14 @@ class RNNSeq2Seq(Seq2SeqBackbone):
             attention_mask: (B, S), 1 for real tokens, 0 for padding (either side).
         Returns:
             the memory, all batch first: the (B, S, hidden) encoder outputs (zeros at padding),
-            their (B, S, A) attention keys, and the decoder's initial state, one (B, layers, hidden)
-            tensor per state tensor (h, then c for an LSTM).
+            their (B, S, A) attention keys, the decoder's initial state, one (B, layers, hidden)
+            tensor per state tensor (h, then c for an LSTM), and, with a copy head, the source ids.
         """
         order, lengths = real_tokens_first(input_ids, attention_mask)
         out, final = run_packed(self.encoder, self.dropout(self.embed(input_ids.gather(1, order))), lengths)
         outputs = restore_order(out, order)
-        return (outputs, self.attention.project_keys(outputs), *self._initial_state(final))
+        source = (input_ids,) if self.copy_head is not None else ()
+        return (outputs, self.attention.project_keys(outputs), *self._initial_state(final), *source)
 
     def _initial_state(self, final: torch.Tensor | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         """The decoder's first state from the encoder's final one: per state tensor, (B, layers, hidden)."""
@@ -226,6 +231,8 @@ class RNNSeq2Seq(Seq2SeqBackbone):
         cache: RNNDecoderCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`decode`, also returning the (B, T, S) attention weights of each target token over the source."""
+        if self.copy_head is not None:
+            *memory, source_ids = memory
         values, keys, *initial = memory
         if cache is not None and cache.state is not None:
             state, feed = cache.state, cache.feed
@@ -249,7 +256,10 @@ class RNNSeq2Seq(Seq2SeqBackbone):
         if cache is not None:
             state = tuple(torch.stack([layer[k] for layer in layers], 1) for k in range(len(state)))
             cache.update(state, feed, x.shape[1])
-        logits = self.out_proj(torch.stack(attentional, 1)) @ self.embed.weight.T + self.out_bias
+        hidden = torch.stack(attentional, 1)
+        logits = self.out_proj(hidden) @ self.embed.weight.T + self.out_bias
+        if self.copy_head is not None:
+            logits = self.copy_head(logits, hidden, values, memory_mask, source_ids)
         return logits, torch.stack(weights, 1)
 
     def decode(
@@ -259,7 +269,8 @@ class RNNSeq2Seq(Seq2SeqBackbone):
         memory_mask: torch.Tensor | None = None,
         cache: RNNDecoderCache | None = None,
     ) -> torch.Tensor:
-        """Next-token logits (B, T, V) for target tokens, given the memory from :meth:`encode` and the source mask (B, S).
+        """Next-token logits (B, T, V) for target tokens (log-probabilities with a copy head), given the memory
+        from :meth:`encode` and the source mask (B, S).
 
         Without a cache the target runs from the initial state (teacher forcing); with one,
         ``decoder_input_ids`` are only the tokens it has not seen, and it is updated.

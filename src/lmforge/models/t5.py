@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lmforge.models.backbone import Seq2SeqBackbone
+from lmforge.models.copy import CopyHead
 from lmforge.models.layers import Attention, BlockRunner, KVCache, LayerCache, attention_mask_for, memory_keys_values
 
 # Keys of a Hugging Face T5 state dict that are other names for ``shared.weight``.
@@ -273,6 +274,9 @@ class T5(Seq2SeqBackbone):
         layer_norm_epsilon: epsilon of the RMS norms.
         n_positions: longest sequence the rest of the pipeline should feed it; T5 has no
             position table, so this is a limit for data settings, not an architectural one.
+        copy: a copy head (:mod:`lmforge.models.copy`): each output token may also be copied from the
+            source. Its weights are new: a public checkpoint loads without them, and the run cannot be
+            exported to ``transformers``' T5.
     """
 
     supports_prompt = True  # read by the encoder
@@ -291,6 +295,7 @@ class T5(Seq2SeqBackbone):
         dropout: float = 0.1,
         layer_norm_epsilon: float = 1e-6,
         n_positions: int = 512,
+        copy: bool = False,
     ):
         super().__init__()
         self.vocab_size = vocab_size
@@ -311,6 +316,7 @@ class T5(Seq2SeqBackbone):
         self.decoder = T5Stack(n_decoder_layer or n_layer, is_decoder=True, **stack_args)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         self.lm_head.weight = self.shared.weight  # tied, as in T5 v1
+        self.copy_head = CopyHead(d_model, d_model) if copy else None
         self._init_weights(d_model, n_head, d_kv, d_ff)
 
     def _init_weights(self, d_model: int, n_head: int, d_kv: int, d_ff: int) -> None:
@@ -336,13 +342,14 @@ class T5(Seq2SeqBackbone):
         """The token embedding table (``shared``: source, target and the tied head)."""
         return self.shared
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, S) source ids and mask -> (B, S, d_model) encoder output.
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """(B, S) source ids and mask -> (B, S, d_model) encoder output (and the source ids, with a copy head).
 
         A soft prompt is encoded with the source; the decoder sees the source positions only.
         """
         x, mask = self.prepend_prompt(self.shared(input_ids), attention_mask)
-        return self.drop_prompt(self.encoder(x, mask))
+        memory = self.drop_prompt(self.encoder(x, mask))
+        return (memory, input_ids) if self.copy_head is not None else memory
 
     def new_cache(self) -> KVCache:
         """An empty cache for :meth:`decode`: decoder self-attention keys/values plus the encoder's, computed once."""
@@ -351,19 +358,25 @@ class T5(Seq2SeqBackbone):
     def decode(
         self,
         decoder_input_ids: torch.Tensor,
-        memory: torch.Tensor,
+        memory,
         memory_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Next-token logits (B, T, V) for the target so far, given the encoder output (B, S, C) and its mask (B, S).
+        """Next-token logits (B, T, V) for the target so far (log-probabilities with a copy head), given
+        :meth:`encode`'s output and the (B, S) source mask.
 
         With a cache, the position bias covers the new queries at ``past .. past + T`` against
         keys ``0 .. past + T``, so step-by-step decoding matches decoding the whole target.
         """
+        if self.copy_head is not None:
+            memory, source_ids = memory
         kv = [
             memory_keys_values(b.layer[1].EncDecAttention, memory, cache, i) for i, b in enumerate(self.decoder.block)
         ]
         cross_mask = None if memory_mask is None else memory_mask.bool()[:, None, None, :]
         x = self.decoder(self.shared(decoder_input_ids), None, kv, cross_mask, cache)
         # The tied head sees states rescaled by d_model**-0.5, since the embedding has unit scale.
-        return self.lm_head(x * self.hidden_size**-0.5)
+        logits = self.lm_head(x * self.hidden_size**-0.5)
+        if self.copy_head is not None:
+            return self.copy_head(logits, x, memory, memory_mask, source_ids)
+        return logits

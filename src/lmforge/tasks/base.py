@@ -12,7 +12,8 @@ from lmforge.models.backbone import Backbone, backbone_kind
 from lmforge.tasks.optim import OptimizerFactory, SchedulerFactory, configure_optimization
 from lmforge.tasks.rng import capture_rng_state, restore_rng_state
 
-KIND_NAMES = {"encoder": "an encoder", "decoder": "a decoder", "rnn": "an RNN", "seq2seq": "an encoder-decoder"}
+KIND_NAMES = {"encoder": "an encoder", "decoder": "a decoder", "rnn": "an RNN", "seq2seq": "an encoder-decoder",
+              "reader": "a question-and-context reader"}  # fmt: skip
 
 
 def _compute_and_reset(scores: Metric | MetricCollection | dict[str, Metric]) -> dict[str, torch.Tensor]:

@@ -94,7 +94,8 @@ class QuestionAnsweringTask(TaskModule):
     against all its gold answers (SQuAD v1.1's official normalisation, through torchmetrics).
 
     Args:
-        backbone: an encoder, decoder or RNN with ``hidden_states(input_ids, attention_mask)`` and ``hidden_size``.
+        backbone: an encoder, decoder, RNN or reader (BiDAF) with ``hidden_states(input_ids, attention_mask)``
+            and ``hidden_size``.
         optimizer: partial optimizer, called with the parameter groups.
         scheduler: partial schedule, or None.
         dropout: dropout before the head.
@@ -104,6 +105,8 @@ class QuestionAnsweringTask(TaskModule):
             so that :meth:`predict_texts` reads new questions as the training data was read).
         tokenizer: unused; accepted so every task is built alike.
     """
+
+    backbone_kinds = ("encoder", "decoder", "rnn", "reader")
 
     def __init__(
         self,
