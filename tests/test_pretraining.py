@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import requires_data, run_cli
 from lmforge.errors import LmforgeError
@@ -74,8 +75,9 @@ def test_masked_lm_loss_falls_on_real_text(pretrained_run):
 @requires_data
 @pytest.mark.slow
 def test_init_from_loads_the_backbone_and_reports_what_it_skipped(pretrained_run, cfg_factory):
+    # tokenizer=char is overruled: the weights read the ids of the tokenizer they were trained with.
     record = run_training(cfg_factory(["model=bert-tiny", "task=sst2", f"init_from={pretrained_run['run_dir']}",
-                                       "logger=none", "debug=fast"]))  # fmt: skip
+                                       "tokenizer=char", "logger=none", "debug=fast"]))  # fmt: skip
     line = next(line for line in Path(record["run_dir"], "train.log").read_text().splitlines() if " init_from " in line)
     assert "loaded 39 of 39 backbone tensors" in line and "the task head only" in line
     assert "head.decoder" in line  # the MLM head stayed behind
@@ -90,6 +92,10 @@ def test_init_from_loads_the_backbone_and_reports_what_it_skipped(pretrained_run
         Path(record["run_dir"], "tokenizer.json").read_text()
         == Path(pretrained_run["run_dir"], "tokenizer.json").read_text()
     )
+    # The saved config and the log name the tokenizer the run has: the one of the run it starts from.
+    saved = OmegaConf.load(Path(record["run_dir"], "config.yaml")).tokenizer
+    assert saved == OmegaConf.load(Path(pretrained_run["run_dir"], "config.yaml")).tokenizer
+    assert f"tokenizer: {saved.name} (" in Path(record["run_dir"], "train.log").read_text()
 
 
 @requires_data

@@ -85,7 +85,8 @@ class StartingWeights:
 
 
 def starting_weights(cfg: DictConfig) -> StartingWeights:
-    """Decide what a run starts from, and pin ``cfg.model`` to it so that the saved config rebuilds the model.
+    """Decide what a run starts from, and pin ``cfg.model`` to it so that the saved config rebuilds the model
+    (and ``cfg.tokenizer`` to the tokenizer of the run that ``init_from`` names).
 
     ``init_from`` wins over ``model.pretrained``. A resumed run has its weights in its last checkpoint,
     except the frozen base of adapter methods (LoRA...), which its checkpoints leave out: only then are the
@@ -97,6 +98,8 @@ def starting_weights(cfg: DictConfig) -> StartingWeights:
     init_checkpoint, init_run = init_source(cfg.init_from) if cfg.get("init_from") else (None, None)
     pretrained = None if init_checkpoint else resolve_pretrained(cfg.model, cfg.paths.data_dir)
     with open_dict(cfg):
+        if init_run is not None:  # its tokenizer comes along: the saved config and the log name that one
+            cfg.tokenizer = saved_config(init_run).tokenizer
         if pretrained is not None:  # the checkpoint fixes the architecture
             cfg.model.update(pretrained.model_overrides())
             cfg.model.pretrained = pretrained.source
