@@ -48,6 +48,21 @@ def test_generation_stops_at_eos():
     assert out.shape[1] == 3
 
 
+@pytest.mark.parametrize("options", [{"temperature": 0.0}, {"temperature": 1.0}, {"num_beams": 3}], ids=str)
+def test_no_sequence_ends_before_min_new_tokens(options):
+    """The end token the model wants first is ruled out for the first 4 tokens, then allowed."""
+    torch.manual_seed(0)
+    model = GPT(vocab_size=30, n_layer=1, n_head=2, n_embd=16, n_positions=64)
+    prompt = torch.tensor([[1, 2], [3, 4]])
+    end = generate(model, prompt, 1, temperature=0)[0, -1].item()  # greedy's first token: make it the end
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(30).index_fill(0, torch.tensor([end]), 5.0))
+    settings = dict(eos_token_id=end, pad_token_id=0, generator=torch.Generator().manual_seed(0), **options)
+    assert (generate(model, prompt, 10, **settings)[:, 2] == end).any()  # without the rule, rows end at once
+    out = generate(model, prompt, 10, min_new_tokens=4, **settings)[:, 2:]
+    assert not (out[:, :4] == end).any()
+    assert (out[:, 4:] == end).any()  # then the end comes as the model wants
+
+
 def test_kv_cache_gives_the_same_tokens_and_logits_as_full_recompute():
     torch.manual_seed(0)
     model = GPT(vocab_size=40, n_layer=2, n_head=2, n_embd=16, n_positions=24).eval()

@@ -144,6 +144,7 @@ def generate(
     no_repeat_ngram_size: int = 0,
     decoder_start_token_id: int | None = None,
     pad_token_id: int | None = None,
+    min_new_tokens: int = 0,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens for each row of ``input_ids``.
 
@@ -163,6 +164,8 @@ def generate(
         no_repeat_ngram_size: no n-gram of this size occurs twice in a sequence (0 = off).
         decoder_start_token_id: the first decoder input of an encoder-decoder.
         pad_token_id: what fills the rows that ended early (default: ``eos_token_id``, else 0).
+        min_new_tokens: ``eos_token_id`` cannot come before this many generated tokens (a summary's
+            shortest length, say).
     Returns:
         decoder: (B, T + n) prompts and their continuations; encoder-decoder: (B, n) generated tokens.
     """
@@ -172,11 +175,10 @@ def generate(
         steps, ids, keep = _decoding_steps(model, input_ids, attention_mask, use_cache, decoder_start_token_id)
         if num_beams > 1:
             beams = BeamSearch(ids.shape[0], num_beams, ids.shape[1], length_penalty, early_stopping, eos_token_id)
-            out = beams.run(steps, ids, max_new_tokens, repetition, pad)
+            out = beams.run(steps, ids, max_new_tokens, repetition, pad, min_new_tokens)
         else:
-            out = _sample(
-                steps, ids, max_new_tokens, temperature, top_k, top_p, repetition, eos_token_id, pad, generator
-            )
+            out = _sample(steps, ids, max_new_tokens, temperature, top_k, top_p, repetition, eos_token_id, pad,
+                          generator, min_new_tokens)  # fmt: skip
     return out[:, keep:]
 
 
@@ -209,11 +211,18 @@ def _decoding_steps(
     return steps, start, 1
 
 
-def _sample(steps, ids, max_new_tokens, temperature, top_k, top_p, repetition, eos, pad, generator):
+def _no_end_yet(logits: torch.Tensor, eos: int | None, step: int, min_new_tokens: int) -> torch.Tensor:
+    """``logits`` with the end token ruled out while fewer than ``min_new_tokens`` tokens are generated."""
+    if eos is not None and step < min_new_tokens:
+        logits[:, eos] = float("-inf")
+    return logits
+
+
+def _sample(steps, ids, max_new_tokens, temperature, top_k, top_p, repetition, eos, pad, generator, min_new_tokens):
     """Greedy decoding (temperature 0) or sampling, one token per step for the whole batch."""
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for _ in range(max_new_tokens):
-        logits = next_token_logits(steps, ids, *repetition)
+    for step in range(max_new_tokens):
+        logits = _no_end_yet(next_token_logits(steps, ids, *repetition), eos, step, min_new_tokens)
         if temperature == 0:
             next_id = logits.argmax(-1, keepdim=True)
         else:
@@ -255,7 +264,9 @@ class BeamSearch:
         """The rank of a sequence of ``length`` generated tokens and log-probability ``score``."""
         return score / (length**self.length_penalty)
 
-    def run(self, steps, ids: torch.Tensor, max_new_tokens: int, repetition: tuple, pad: int) -> torch.Tensor:
+    def run(
+        self, steps, ids: torch.Tensor, max_new_tokens: int, repetition: tuple, pad: int, min_new_tokens: int = 0
+    ) -> torch.Tensor:
         """Search from (rows, start) ``ids``; returns (rows, start + n) prompts and their best continuations."""
         B, K, device = self.rows, self.K, ids.device
         rows = torch.arange(B, device=device).repeat_interleave(K)
@@ -264,7 +275,7 @@ class BeamSearch:
         scores = torch.zeros(B, K, device=device)
         scores[:, 1:] = float("-inf")  # all beams start equal: only the first may expand at step one
         for step in range(max_new_tokens):
-            logits = next_token_logits(steps, ids, *repetition)
+            logits = _no_end_yet(next_token_logits(steps, ids, *repetition), self.eos, step, min_new_tokens)
             V = logits.shape[-1]
             candidates = (scores.view(-1, 1) + logits.log_softmax(-1)).view(B, K * V)
             top_scores, top_index = candidates.topk(2 * K, dim=1)

@@ -47,6 +47,7 @@ class Seq2SeqTask(TaskModule):
         num_beams: beams at test time and in :meth:`generate_texts` (validation decodes greedily, which is faster).
         length_penalty: beam search ranks finished texts by log-probability / length ** length_penalty.
         max_new_tokens: longest generated text in tokens.
+        min_new_tokens: shortest generated text in tokens (the end token is ruled out before).
         repetition_penalty: above 1 discourages repeated tokens (1 = off).
         no_repeat_ngram_size: no n-gram of this size occurs twice in a generated text (0 = off).
         val_generate_limit: pairs of each validation run that are generated and scored (None: all).
@@ -66,6 +67,7 @@ class Seq2SeqTask(TaskModule):
         num_beams: int = 1,
         length_penalty: float = 1.0,
         max_new_tokens: int = 128,
+        min_new_tokens: int = 0,
         repetition_penalty: float = 1.0,
         no_repeat_ngram_size: int = 0,
         val_generate_limit: int | None = None,
@@ -89,6 +91,7 @@ class Seq2SeqTask(TaskModule):
         self.metrics = tuple(metrics)
         self.generation = dict(
             length_penalty=length_penalty,
+            min_new_tokens=min_new_tokens,
             repetition_penalty=repetition_penalty,
             no_repeat_ngram_size=no_repeat_ngram_size,
         )
