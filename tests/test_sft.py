@@ -273,6 +273,19 @@ def test_replies_are_scored_task_by_task_with_each_tasks_metric():
     }
 
 
+def test_only_the_mixtures_conversations_are_scored_by_generation():
+    """A user's chat line with a field named task, or a preference pair, is not a mixture task to score."""
+    from types import SimpleNamespace
+
+    from lmforge.experiments.instruct import score_replies
+
+    lines = [("chats.jsonl", 1, json.dumps({"task": "summarize", "messages": [{"role": "user", "content": "hi"}]})),
+             ("pairs.jsonl", 1, json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}))]  # fmt: skip
+    data = SimpleNamespace(lines={"test": lines})
+    assert score_replies(None, None, None, data, "test") == {}  # nothing generated, nothing to build
+    assert score_replies(None, None, None, SimpleNamespace(), "test") == {}  # a data module without lines
+
+
 def test_evaluate_scores_a_mixture_run_task_by_task(tmp_path):
     from lmforge.inference import evaluate_run
     from lmforge.training import run_training

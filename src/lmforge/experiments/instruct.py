@@ -20,6 +20,7 @@ import json
 import threading
 from collections import defaultdict
 
+from lmforge.data.instruct_mixture import TASKS
 from lmforge.data.tokenizers import EOS
 
 
@@ -96,15 +97,18 @@ def _entity_scores(replies: list[str], references: list[str]) -> dict[str, float
 def score_replies(backbone, tokenizer, cfg, datamodule, split: str, max_new_tokens: int = 64) -> dict[str, float]:
     """Generate and score the replies to ``split``'s mixture conversations: ``<split>/<task>/<metric>`` -> score.
 
-    Empty when the data module holds no such conversations (a user's own chat file has no ``task`` to score by).
+    Empty when the data module holds no such conversations: a user's chat file or preference pairs have no
+    mixture ``task`` to score by.
     """
     from lmforge.data.chat import run_chat_template
 
     by_task: dict[str, list[list[dict]]] = defaultdict(list)
     for _, _, line in getattr(datamodule, "lines", {}).get(split, []):
         record = json.loads(line)
-        if "task" in record:
+        if record.get("task") in TASKS and "messages" in record:  # a mixture's conversation
             by_task[record["task"]].append(record["messages"])
+    if not by_task:
+        return {}
     template, scores = run_chat_template(cfg), {}
     for task, conversations in sorted(by_task.items()):
         replies = generate_replies(backbone, tokenizer, template, conversations, max_new_tokens)
