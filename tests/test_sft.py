@@ -317,6 +317,9 @@ def test_packed_conversations_give_the_loss_and_gradients_of_padded_ones(tmp_pat
     padded = ChatDataModule(texts, tokenizer(), block_size=96)
     packed = ChatDataModule(texts, tokenizer(), block_size=96, packing=True)
     assert len(packed.examples["train"]) < len(padded.examples["train"]) / 2  # several conversations a row
+    rows, conversations = len(packed.examples["train"]), len(padded.examples["train"])
+    assert packed.split_sizes["train"] == f"{conversations} in {rows} packed rows"  # what the run's log says
+    assert padded.split_sizes["train"] == conversations
     torch.manual_seed(0)
     model = GPT(vocab_size=50260, n_layer=1, n_head=2, n_embd=32, n_positions=96)
     task = LanguageModelingTask(model, optimizer=None)

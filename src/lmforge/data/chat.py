@@ -187,10 +187,19 @@ class ChatDataModule(ExampleDataModule):
             from lmforge.data.packing import pack_examples
 
             train = self.examples["train"]
+            self.packed_conversations = len(train)
             self.examples["train"] = pack_examples([e[0] for e in train], [e[1] for e in train], block_size,
                                                    pad_id=self.pad_id)  # fmt: skip
             log.info("packing: %d conversations in %d rows (%.1f%% padding)", len(train),
                      len(self.examples["train"]), 100 * self.examples["train"].padding_share)  # fmt: skip
+
+    @property
+    def split_sizes(self) -> dict[str, int | str]:
+        """Conversations in each split (packed: the training conversations and the rows they fill)."""
+        sizes: dict[str, int | str] = dict(super().split_sizes)
+        if self.packing:
+            sizes["train"] = f"{self.packed_conversations:,} in {sizes['train']:,} packed rows"
+        return sizes
 
     def _encode(self, lines: list, tokenizer: Tokenizer, train_on: str, skip_invalid: bool) -> list[tuple]:
         examples, skipped = [], Counter()
