@@ -287,6 +287,7 @@ def test_only_the_mixtures_conversations_are_scored_by_generation():
 
 
 def test_evaluate_scores_a_mixture_run_task_by_task(tmp_path):
+    from lmforge.experiments.instruct import score_task
     from lmforge.inference import evaluate_run
     from lmforge.training import run_training
 
@@ -300,12 +301,22 @@ def test_evaluate_scores_a_mixture_run_task_by_task(tmp_path):
     keys = ("test/sst2/acc", "test/samsum/rougeL", "test/multi30k/bleu", "test/squad/f1", "test/conll2003/f1")
     for key in keys:  # the training run scored its test replies at its end
         assert key in record["metrics"] and 0 <= record["metrics"][key] <= 100, key
+    # Its replies are on disk, one line per test conversation, and give back the recorded scores.
+    replies = [json.loads(line) for line in (Path(record["run_dir"]) / "replies.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in replies} == {"sst2", "samsum", "multi30k", "squad", "conll2003"}
+    sst2 = [r for r in replies if r["task"] == "sst2"]
+    assert len(sst2) == 4 and all(r["reference"] in ("positive", "negative") for r in sst2)
+    rescored = score_task("sst2", [r["reply"] for r in sst2], [r["reference"] for r in sst2])["acc"]
+    assert rescored == pytest.approx(record["metrics"]["test/sst2/acc"])
     scores = evaluate_run(entry_cfg("evaluate", [f"run={record['run_dir']}", "max_new_tokens=8"]))["metrics"]
     for key in keys:
         assert key in scores and 0 <= scores[key] <= 100, key
     # The same best checkpoint, the same greedy replies: evaluate gives what training recorded (64 tokens there).
     again = evaluate_run(entry_cfg("evaluate", [f"run={record['run_dir']}"]))["metrics"]
     assert {k: again[k] for k in keys} == {k: record["metrics"][k] for k in keys}
+    assert (Path(record["run_dir"]) / "eval-test-replies.jsonl").read_text() == "".join(
+        json.dumps(r, ensure_ascii=False) + "\n" for r in replies
+    )
 
 
 def test_packed_conversations_give_the_loss_and_gradients_of_padded_ones(tmp_path):

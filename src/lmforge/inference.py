@@ -197,9 +197,9 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     runner = trainer.test if split == "test" else trainer.validate
     metrics = {k: round(float(v), 6) for k, v in runner(task, datamodule=datamodule, verbose=False)[0].items()}
     # A run tuned on the instruction mixture: each task's replies scored by that task's metric.
-    metrics.update(
-        score_replies(run.backbone, run.tokenizer, run.cfg, datamodule, split, cfg.get("max_new_tokens") or 64)
-    )
+    replies = run.run_dir / f"eval-{split}{suffix}-replies.jsonl"
+    max_new_tokens = cfg.get("max_new_tokens") or 64
+    metrics.update(score_replies(run.backbone, run.tokenizer, run.cfg, datamodule, split, max_new_tokens, replies))
     record = {
         "run_dir": str(run.run_dir),
         "checkpoint": str(run.checkpoint),

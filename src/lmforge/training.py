@@ -186,7 +186,8 @@ def _fit_and_test(cfg: DictConfig, run: Run, start_from: Path | None, last_ckpt:
         test = trainer.test(run.task, datamodule=run.datamodule, ckpt_path=best or str(last_ckpt), verbose=False)
         metrics.update(_float_metrics(test[0] if test else {}))
         if is_rank_zero():  # tuned on the instruction mixture: each task's replies scored by its own metric
-            metrics.update(score_replies(run.backbone, run.tokenizer, cfg, run.datamodule, "test"))
+            replies = Path(cfg.paths.run_dir) / "replies.jsonl"
+            metrics.update(score_replies(run.backbone, run.tokenizer, cfg, run.datamodule, "test", 64, replies))
     if checkpoint is not None and checkpoint.best_model_score is not None:
         metrics[f"best_{checkpoint.monitor}"] = round(float(checkpoint.best_model_score), 6)
     return _Outcome(metrics, best or None, stopped_early)

@@ -10,15 +10,18 @@ runs, so that the rows of the ``instruct`` suite compare:
 - squad: exact match and F1 (torchmetrics' SQuAD v1.1 scoring);
 - conll2003: entity precision, recall and F1 over the ``TYPE: words`` lines, as (type, words) pairs.
 
-A training run on the mixture scores its test split at its end (the scores are in its record);
-``lmforge-evaluate`` scores either held-out split of a saved run.
+A training run on the mixture scores its test split at its end (the scores are in its record, the
+replies in ``replies.jsonl``); ``lmforge-evaluate`` scores either held-out split of a saved run
+(``eval-<split>-replies.jsonl``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import defaultdict
+from pathlib import Path
 
 from lmforge.data.instruct_mixture import TASKS
 from lmforge.data.tokenizers import EOS
@@ -94,11 +97,14 @@ def _entity_scores(replies: list[str], references: list[str]) -> dict[str, float
     return {"precision": 100 * precision, "recall": 100 * recall, "f1": 100 * f1}
 
 
-def score_replies(backbone, tokenizer, cfg, datamodule, split: str, max_new_tokens: int = 64) -> dict[str, float]:
+def score_replies(
+    backbone, tokenizer, cfg, datamodule, split: str, max_new_tokens: int = 64, replies_file: Path | None = None
+) -> dict[str, float]:
     """Generate and score the replies to ``split``'s mixture conversations: ``<split>/<task>/<metric>`` -> score.
 
     Empty when the data module holds no such conversations: a user's chat file or preference pairs have no
-    mixture ``task`` to score by.
+    mixture ``task`` to score by. ``replies_file``, if given, gets a JSON line per conversation: ``task``,
+    ``prompt`` (the last user message), ``reference`` and ``reply``, so that a score can be read example by example.
     """
     from lmforge.data.chat import run_chat_template
 
@@ -109,9 +115,15 @@ def score_replies(backbone, tokenizer, cfg, datamodule, split: str, max_new_toke
             by_task[record["task"]].append(record["messages"])
     if not by_task:
         return {}
-    template, scores = run_chat_template(cfg), {}
+    template, scores, lines = run_chat_template(cfg), {}, []
     for task, conversations in sorted(by_task.items()):
         replies = generate_replies(backbone, tokenizer, template, conversations, max_new_tokens)
         references = [messages[-1]["content"] for messages in conversations]
         scores.update({f"{split}/{task}/{k}": round(v, 4) for k, v in score_task(task, replies, references).items()})
+        lines += [{"task": task, "prompt": messages[-2]["content"], "reference": reference, "reply": reply}
+                  for messages, reference, reply in zip(conversations, references, replies)]  # fmt: skip
+    if replies_file is not None:
+        partial = Path(f"{replies_file}.partial")  # renamed into place whole: never a file that looks complete
+        partial.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+        os.replace(partial, replies_file)
     return scores
