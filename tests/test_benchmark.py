@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from conftest import REPO, requires_data
 from lmforge.config_dirs import CONF_DIR
 from lmforge.errors import LmforgeError
-from lmforge.experiments.benchmark import Suite, SuiteRun, load_suite, run_overrides, selected_runs
+from lmforge.experiments.benchmark import Suite, SuiteRun, load_suite, run_overrides, selected_runs, training_plan
 from lmforge.experiments.report import (
     SUITE_FILE,
     bar_groups,
@@ -52,6 +52,10 @@ def test_groups_expand_in_place_and_may_nest():
         ({"runs": {"a": ["init_from={run:b}"], "b": ["model=gpt2-tiny"]}}, "not declared before it"),
         ({"runs": {}}, "declares no runs"),
         ({"mode": "up"}, "mode must be min or max"),
+        (
+            {"runs": {"lm": ["task=text"], "sft": {"overrides": ["init_from={run:lm}"], "seeds": [1337, 2]}}},
+            r"run sft is trained at seed\(s\) \[2\], where run 'lm' it starts from is not",
+        ),
     ],
 )
 def test_bad_suites_are_one_sentence(fields, message):
@@ -73,6 +77,27 @@ def test_only_takes_patterns_and_brings_the_runs_they_start_from():
     with pytest.raises(LmforgeError, match="no run matching t5-"):
         selected_runs(suite, ["t5-*"])
     assert run_overrides(runs[1], 7, {"bert-mlm": "/runs/mlm"}) == ["init_from=/runs/mlm", "seed=7"]
+
+
+def test_a_run_with_its_own_seeds_is_trained_at_those_and_the_others_at_the_suites():
+    suite = load_suite(
+        suite_cfg(
+            seeds=[1337],
+            runs={
+                "lm": {"overrides": ["task=text"], "seeds": [1337, 1, 2], "report": False},
+                "sft": {"overrides": ["init_from={run:lm}"], "seeds": [1, 1337]},
+                "gru": ["model=gru"],
+            },
+        )
+    )
+    plan = [(seed, run.name) for seed, run in training_plan(suite, suite.runs)]
+    assert plan == [(1337, "lm"), (1337, "sft"), (1337, "gru"), (1, "lm"), (1, "sft"), (2, "lm")]
+    # seeds= on the command line trains every run at those seeds, its own or not.
+    assert [(seed, run.name) for seed, run in training_plan(suite, suite.runs, [5])] == [
+        (5, "lm"),
+        (5, "sft"),
+        (5, "gru"),
+    ]
 
 
 @pytest.mark.parametrize("name", SUITES)

@@ -18,10 +18,12 @@ A suite (``conf/suite/<name>.yaml``) names its runs and the overrides of ``train
       bert-mini: ["@transformer", model=bert-mini]
       mlm: {overrides: [task=mlm], report: false}      # a run others start from, not a table row
       mlm-then-sst2: ["@transformer", "init_from={run:mlm}"]  # the run dir of `mlm` at the same seed
+      lstm: {overrides: [experiment=sst2-lstm], seeds: [1337, 1, 2]}  # a headline row at more seeds
     task: sst2                # the task whose splits and metric code the baselines use
     baselines:                # rows computed without training (experiments/baselines.py), shown first
       majority: {method: majority}
 
+A run's own ``seeds`` replace the suite's for it; ``seeds=`` on the command line sets every run's.
 Running the same command again skips every (run, seed) that has a record with the same overrides,
 and every baseline recorded with the same method, so a suite that was stopped continues where it was.
 """
@@ -56,11 +58,13 @@ _RUN_REFERENCE = re.compile(r"\{run:([^}]+)\}")
 
 @dataclass
 class SuiteRun:
-    """One declared run of a suite: its name, its ``train.py`` overrides, and whether it is a table row."""
+    """One declared run of a suite: its name, its ``train.py`` overrides, whether it is a table row, and
+    its own seeds (None: the suite's)."""
 
     name: str
     overrides: list[str]
     report: bool = True
+    seeds: list[int] | None = None
 
     @property
     def needs(self) -> list[str]:
@@ -109,20 +113,15 @@ def load_suite(cfg: DictConfig) -> Suite:
     groups = _plain(cfg.get("groups"))
     runs: list[SuiteRun] = []
     for run_name, spec in _plain(cfg.get("runs")).items():
-        if isinstance(spec, dict):
-            overrides, report = spec.get("overrides") or [], bool(spec.get("report", True))
-        else:
-            overrides, report = spec or [], True
+        spec = spec if isinstance(spec, dict) else {"overrides": spec}
+        overrides, report = spec.get("overrides") or [], bool(spec.get("report", True))
+        own_seeds = [int(s) for s in spec["seeds"]] if spec.get("seeds") else None
         expanded = _expand(overrides, groups, f"Suite {name}, run {run_name}")
-        run = SuiteRun(str(run_name), expanded, report)
-        for needed in run.needs:
-            if needed not in {r.name for r in runs}:
-                raise LmforgeError(
-                    f"Suite {name}, run {run_name} starts from run '{needed}', which is not declared before it."
-                )
-        runs.append(run)
+        runs.append(SuiteRun(str(run_name), expanded, report, own_seeds))
     if not runs:
         raise LmforgeError(f"Suite {name} declares no runs (`runs:` is empty).")
+    suite_seeds = [int(s) for s in cfg.get("seeds") or [1337]]
+    _check_starting_runs(name, runs, suite_seeds)
     mode = str(cfg.get("mode") or "min")
     if mode not in ("min", "max"):
         raise LmforgeError(f"Suite {name}: mode must be min or max, not {mode}.")
@@ -132,7 +131,7 @@ def load_suite(cfg: DictConfig) -> Suite:
         name=name,
         title=str(cfg.get("title") or name),
         runs=runs,
-        seeds=[int(s) for s in cfg.get("seeds") or [1337]],
+        seeds=suite_seeds,
         metric=str(cfg.metric),
         mode=mode,
         curve=cfg.get("curve"),
@@ -142,6 +141,33 @@ def load_suite(cfg: DictConfig) -> Suite:
         task=task,
         baselines=baselines,
     )
+
+
+def _check_starting_runs(suite: str, runs: list[SuiteRun], suite_seeds: list[int]) -> None:
+    """Every run a run starts from is declared before it and trained at each of its seeds."""
+    declared: dict[str, SuiteRun] = {}
+    for run in runs:
+        for needed in run.needs:
+            if needed not in declared:
+                raise LmforgeError(
+                    f"Suite {suite}, run {run.name} starts from run '{needed}', which is not declared before it."
+                )
+            missing = sorted(set(run.seeds or suite_seeds) - set(declared[needed].seeds or suite_seeds))
+            if missing:
+                raise LmforgeError(
+                    f"Suite {suite}, run {run.name} is trained at seed(s) {missing}, where run '{needed}' it "
+                    f"starts from is not: give '{needed}' those seeds too."
+                )
+        declared[run.name] = run
+
+
+def training_plan(suite: Suite, runs: list[SuiteRun], seeds: list[int] | None = None) -> list[tuple[int, SuiteRun]]:
+    """The (seed, run) pairs to train, seed after seed in declared order: every run at ``seeds`` (the
+    command line's) when given, else each run at its own seeds or the suite's."""
+    if seeds:
+        return [(seed, run) for seed in seeds for run in runs]
+    order = list(dict.fromkeys([*suite.seeds, *(s for r in runs for s in r.seeds or [])]))
+    return [(seed, run) for seed in order for run in runs if seed in (run.seeds or suite.seeds)]
 
 
 def _plain(node: Any) -> dict[str, Any]:
@@ -222,31 +248,31 @@ def run_suite(cfg: DictConfig) -> Path:
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     (out / SUITE_FILE).write_text(json.dumps(suite.meta(), indent=2) + "\n", encoding="utf-8")
-    seeds = _as_list(cfg.get("seeds"), int, "seeds", "integers") or suite.seeds
+    seeds = _as_list(cfg.get("seeds"), int, "seeds", "integers")
     only = _as_list(cfg.get("only"), str, "only", "run names")
     runs = selected_runs(suite, only)
     extra = [str(o) for o in cfg.get("extra") or []]
     # Baselines first: seconds each, and a trained row is read against them.
     failed = [f"baseline {name}" for name in run_baselines(suite, selected_baselines(suite, only), out, cfg.rerun)]
     done = {(r["run"], r["seed"]): r for r in read_records(out)}
-    for seed in seeds:
-        run_dirs: dict[str, str] = {}
-        for run in runs:
-            if any(n not in run_dirs for n in run.needs):
-                log.warning("skipping %s seed %d: a run it starts from failed", run.name, seed)
-                continue
-            overrides = [*run_overrides(run, seed, run_dirs), *extra]
-            previous = done.get((run.name, seed))
-            if previous and previous["overrides"] == overrides and not cfg.rerun:
-                log.info("%s seed %d: recorded already (rerun=true trains it again)", run.name, seed)
-                run_dirs[run.name] = previous["run_dir"]
-                continue
-            record = _train_one(suite, run, seed, overrides, out, cfg)
-            if record is None:
-                failed.append(f"{run.name} (seed {seed})")
-                continue
-            run_dirs[run.name] = record["run_dir"]
-            done[(run.name, seed)] = record
+    run_dirs: dict[int, dict[str, str]] = {}  # seed -> run name -> its run dir at that seed
+    for seed, run in training_plan(suite, runs, seeds):
+        trained = run_dirs.setdefault(seed, {})
+        if any(n not in trained for n in run.needs):
+            log.warning("skipping %s seed %d: a run it starts from failed", run.name, seed)
+            continue
+        overrides = [*run_overrides(run, seed, trained), *extra]
+        previous = done.get((run.name, seed))
+        if previous and previous["overrides"] == overrides and not cfg.rerun:
+            log.info("%s seed %d: recorded already (rerun=true trains it again)", run.name, seed)
+            trained[run.name] = previous["run_dir"]
+            continue
+        record = _train_one(suite, run, seed, overrides, out, cfg)
+        if record is None:
+            failed.append(f"{run.name} (seed {seed})")
+            continue
+        trained[run.name] = record["run_dir"]
+        done[(run.name, seed)] = record
     report = write_report(out)
     log.info("report: %s", report)
     if failed:
