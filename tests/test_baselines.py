@@ -137,6 +137,29 @@ def test_sst2_majority_on_the_mirror():
     assert metrics["test/acc"] == pytest.approx(904 / 1821, abs=1e-6)
 
 
+@requires_data
+def test_each_tasks_rule_replies_to_the_mixtures_own_held_out_conversations():
+    """The instruct suite's baseline row: the conversations a mixture run of that seed is scored on, each task's
+    rule, and the replies' scoring (SST-2: the majority label is right on exactly the conversations it names)."""
+    from lmforge.data.instruct_mixture import InstructMixture
+    from lmforge.experiments.instruct import rule_scores
+
+    scores = rule_scores(seed=7, eval_per_task=40)
+    tasks = ("sst2", "samsum", "multi30k", "squad", "conll2003")
+    metric = {"sst2": "acc", "samsum": "rougeL", "multi30k": "bleu", "squad": "f1", "conll2003": "f1"}
+    for split in ("val", "test"):
+        assert all(0 < scores[f"{split}/{t}/{metric[t]}"] < 100 for t in tasks), scores
+    lines = InstructMixture(eval_per_task=40, seed=7).load(None, ("test",))["test"]
+    sst2 = [json.loads(line)["messages"][-1]["content"] for origin, _, line in lines if "/sst2/" in origin]
+    assert len(sst2) == 40 and scores["test/sst2/acc"] == pytest.approx(100 * sst2.count("positive") / 40)
+    assert scores["test/conll2003/f1"] > 30 and scores["test/samsum/rouge1"] > 20  # lookup and Lead-3 are strong
+
+
+def test_a_suite_of_several_tasks_declares_a_mixture_baseline_without_a_task():
+    suite = load_suite(suite_cfg(baselines={"rules": {"method": "task-rules", "seed": 1337}}))
+    assert [(b.name, b.method, b.params) for b in suite.baselines] == [("rules", "task-rules", {"seed": 1337})]
+
+
 # -- suites ----------------------------------------------------------------------------------------
 
 
@@ -164,13 +187,14 @@ def test_a_suite_declares_baselines_and_only_selects_them():
         (
             {"task": "samsum", "baselines": {"b": {"method": "lead-4"}}},
             "Suite s, baseline b: unknown method 'lead-4'; the methods are lead, longest, copy-source, majority, "
-            "dictionary, sliding-window, best-sentence.",
+            "dictionary, sliding-window, best-sentence, task-rules.",
         ),
         (
             {"task": "samsum", "baselines": {"b": {"method": "lead", "m": 3}}},
             "method lead has no parameter m (it takes n).",
         ),  # fmt: skip
-        ({"baselines": {"b": {"method": "lead"}}}, "declares baselines but no task"),
+        ({"baselines": {"b": {"method": "lead"}}}, "baseline b reads a task, but the suite names none"),
+        ({"baselines": {"r": {"method": "task-rules", "n": 3}}}, "method task-rules has no parameter n (it takes seed"),
         ({"task": "samsun", "baselines": {"b": {"method": "lead"}}}, "task 'samsun' is not one of"),
         ({"task": "samsum", "baselines": {"t": {"method": "lead"}}}, "'t' names both a run and a baseline"),
     ],

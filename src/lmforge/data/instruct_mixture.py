@@ -69,15 +69,19 @@ class InstructMixture:
         for task in self.tasks:
             tables, source, _ = read_task_splits(task, data_dir)
             for split, lines in splits.items():
-                rng = random.Random(f"{self.seed}-{task}-{split}")
-                table = tables[split]
-                rows = sorted(rng.sample(range(len(table)), min(self.sizes[split], len(table))))
+                rng, rows = self.draw(task, split, len(tables[split]))
                 for i in rows:
-                    record = _conversation(task, table[i], source, rng)
+                    record = _conversation(task, tables[split][i], source, rng)
                     lines.append((f"{self.name}/{task}/{split}", i + 1, json.dumps(record, ensure_ascii=False)))
         for split, lines in splits.items():
             random.Random(f"{self.seed}-{split}").shuffle(lines)
         return splits
+
+    def draw(self, task: str, split: str, size: int) -> tuple[random.Random, list[int]]:
+        """The rows of ``task``'s ``split`` (of ``size``) that the mixture phrases, and the generator that
+        goes on to choose their phrasings."""
+        rng = random.Random(f"{self.seed}-{task}-{split}")
+        return rng, sorted(rng.sample(range(size), min(self.sizes[split], size)))
 
     def training_text(self, splits: dict) -> str:
         """The text of every training conversation (to train a tokenizer on, when the run builds one)."""
@@ -94,6 +98,18 @@ def _conversation(task: str, row: dict, source, rng: random.Random) -> dict:
     return {"task": task, "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
 
 
+def entity_lines(words: list[str], tags: list[str]) -> str:
+    """The ``TYPE: words`` line of each entity of a tagged sentence, or ``none``."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    return "\n".join(f"{kind}: {' '.join(words[start : end + 1])}" for kind, start, end in get_entities(tags)) or "none"
+
+
+def reference_reply(task: str, row: dict, source) -> str:
+    """The reply a conversation built from ``task``'s ``row`` ends with."""
+    return _fields_and_answer(task, row, source)[1]
+
+
 def _fields_and_answer(task: str, row: dict, source) -> tuple[dict, str]:
     if task == "sst2":
         return {"text": row["text"]}, "positive" if int(row["label"]) == 1 else "negative"
@@ -101,8 +117,5 @@ def _fields_and_answer(task: str, row: dict, source) -> tuple[dict, str]:
         return {"source": row["source"].replace("\r\n", "\n")}, row["target"].strip()
     if task == "squad":
         return {"context": row["context"], "question": row["question"]}, row["answers"]["text"][0]
-    from seqeval.metrics.sequence_labeling import get_entities
-
-    words, tags = row["tokens"], [source.tag_names[t] for t in row["tags"]]
-    entities = [f"{kind}: {' '.join(words[start : end + 1])}" for kind, start, end in get_entities(tags)]
-    return {"sentence": " ".join(words)}, "\n".join(entities) or "none"
+    words = row["tokens"]
+    return {"sentence": " ".join(words)}, entity_lines(words, [source.tag_names[t] for t in row["tags"]])

@@ -7,6 +7,9 @@ sit beside the trained rows' as equals. A suite declares them beside its runs:
       lead-3: {method: lead, n: 3}     # a row name -> a method of METHODS and its parameters
       longest-3: {method: longest, n: 3}
 
+A suite of several tasks (``instruct``) needs no ``task:``: its method scores every task itself
+(:data:`MIXTURE_METHODS`), as ``rules: {method: task-rules, seed: 1337}``.
+
 Each becomes one record (``"kind": "baseline"``, no seed, no training figures) in the suite's
 ``results.jsonl``; ``lmforge-benchmark`` computes the missing ones before any training.
 """
@@ -24,6 +27,7 @@ from typing import Any
 
 from lmforge.errors import LmforgeError
 from lmforge.experiments import baseline_methods as bm
+from lmforge.experiments.instruct import rule_scores
 from lmforge.experiments.report import BASELINE, RESULTS_FILE, read_records
 
 log = logging.getLogger("lmforge")
@@ -144,6 +148,12 @@ METHODS: dict[str, Method] = {
 }
 
 
+# Methods for the instruction mixture: each scores the held-out conversations of every task itself.
+MIXTURE_METHODS: dict[str, Callable[..., dict[str, float]]] = {
+    "task-rules": rule_scores,  # each task's simplest rule (experiments/instruct.py: task_rule)
+}
+
+
 @dataclass
 class SuiteBaseline:
     """One declared baseline row: its name, its method and the method's parameters."""
@@ -162,23 +172,26 @@ def parse_baselines(node: dict[str, Any] | None, task: str | None, suite: str, r
     alone) and its ``task:``."""
     if not node:
         return []
-    if not task:
-        raise LmforgeError(
-            f"Suite {suite} declares baselines but no task: set `task:` to the conf/task name they read."
-        )
     from lmforge.config_dirs import config_choices
 
-    if task not in config_choices("task"):
+    if task and task not in config_choices("task"):
         raise LmforgeError(f"Suite {suite}: task '{task}' is not one of {', '.join(config_choices('task'))}.")
     baselines = []
     for name, spec in node.items():
         params = dict(spec) if isinstance(spec, dict) else {"method": spec}  # `majority-class: majority` too
         method = str(params.pop("method", ""))
-        if method not in METHODS:
+        if method not in METHODS and method not in MIXTURE_METHODS:
+            methods = ", ".join([*METHODS, *MIXTURE_METHODS])
+            raise LmforgeError(f"Suite {suite}, baseline {name}: unknown method '{method}'; the methods are {methods}.")
+        if method in METHODS and not task:
             raise LmforgeError(
-                f"Suite {suite}, baseline {name}: unknown method '{method}'; the methods are {', '.join(METHODS)}."
+                f"Suite {suite}, baseline {name} reads a task, but the suite names none: set `task:` to the "
+                "conf/task name its baselines read."
             )
-        accepted = list(inspect.signature(METHODS[method].predict).parameters)[2:]  # those after (data, rows)
+        if method in MIXTURE_METHODS:  # the data dir is the environment's, as for the trained rows
+            accepted = [p for p in inspect.signature(MIXTURE_METHODS[method]).parameters if p != "data_dir"]
+        else:
+            accepted = list(inspect.signature(METHODS[method].predict).parameters)[2:]  # those after (data, rows)
         unknown = sorted(set(params) - set(accepted))
         if unknown:
             takes = f"it takes {', '.join(accepted)}" if accepted else "it takes none"
@@ -246,9 +259,12 @@ def run_baselines(suite, baselines: list[SuiteBaseline], out: Path, rerun: bool 
     for baseline in todo:
         start = time.perf_counter()
         try:
-            if data is None:
-                data = load_task_data(suite.task)
-            metrics = baseline_metrics(baseline, data, f"Suite {suite.name}, baseline {baseline.name}")
+            if baseline.method in MIXTURE_METHODS:
+                metrics = MIXTURE_METHODS[baseline.method](**baseline.params)
+            else:
+                if data is None:
+                    data = load_task_data(suite.task)
+                metrics = baseline_metrics(baseline, data, f"Suite {suite.name}, baseline {baseline.name}")
         except LmforgeError as err:
             log.error("baseline %s failed: %s", baseline.name, err)
             failed.append(baseline.name)

@@ -10,6 +10,8 @@ runs, so that the rows of the ``instruct`` suite compare:
 - squad: exact match and F1 (torchmetrics' SQuAD v1.1 scoring);
 - conll2003: entity precision, recall and F1 over the ``TYPE: words`` lines, as (type, words) pairs.
 
+:func:`rule_scores` gives the same scores to the simplest rule of each task (the suite's baseline row).
+
 A training run on the mixture scores its test split at its end (the scores are in its record, the
 replies in ``replies.jsonl``); ``lmforge-evaluate`` scores either held-out split of a saved run
 (``eval-<split>-replies.jsonl``).
@@ -21,6 +23,7 @@ import json
 import os
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from lmforge.data.instruct_mixture import TASKS
@@ -127,3 +130,47 @@ def score_replies(
         partial.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
         os.replace(partial, replies_file)
     return scores
+
+
+def rule_scores(seed: int = 1337, eval_per_task: int = 200, data_dir: str | None = None) -> dict[str, float]:
+    """``val/`` and ``test/<task>/<metric>`` of each task's simplest rule (:func:`task_rule`), replying to
+    the held-out conversations that a mixture run of ``seed`` is scored on, scored as its replies are."""
+    from lmforge.data.instruct_mixture import InstructMixture, reference_reply
+    from lmforge.data.task_splits import read_task_splits
+
+    mixture, scores = InstructMixture(eval_per_task=eval_per_task, seed=seed), {}
+    for task in mixture.tasks:
+        tables, source, _ = read_task_splits(task, data_dir)
+        rule = task_rule(task, tables["train"], source)
+        for split, prefix in (("validation", "val"), ("test", "test")):
+            table = tables[split]
+            rows = [table[i] for i in mixture.draw(task, split, len(table))[1]]
+            replies, references = [rule(row) for row in rows], [reference_reply(task, row, source) for row in rows]
+            scores.update(
+                {f"{prefix}/{task}/{k}": round(v, 4) for k, v in score_task(task, replies, references).items()}
+            )
+    return scores
+
+
+def task_rule(task: str, train, source) -> Callable[[dict], str]:
+    """The reply of ``task``'s simplest rule to one of its rows, set up from its training split:
+
+    - sst2: the majority label; samsum: Lead-3 (the first three utterances); multi30k: the English itself;
+    - squad: the sliding window of Rajpurkar et al. 2016;
+    - conll2003: longest-match lookup of the training entity strings, as ``TYPE: words`` lines.
+    """
+    from lmforge.data.instruct_mixture import entity_lines
+    from lmforge.experiments import baseline_methods as bm
+
+    if task == "sst2":
+        label = "positive" if bm.majority_label(train["label"]) == 1 else "negative"
+        return lambda row: label
+    if task == "samsum":
+        return lambda row: bm.lead(row["source"], 3)
+    if task == "multi30k":
+        return lambda row: row["source"]
+    if task == "squad":
+        return lambda row: bm.sliding_window_answer(row["context"], row["question"])
+    names = source.tag_names
+    known = bm.entity_dictionary(train["tokens"], [[names[t] for t in tags] for tags in train["tags"]])
+    return lambda row: entity_lines(row["tokens"], bm.dictionary_tags(row["tokens"], known))
