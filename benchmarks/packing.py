@@ -2,11 +2,10 @@
 
     LMFORGE_DATA=/path/to/mirror python benchmarks/packing.py [--seconds 100] [--row-length 512]
 
-The instruction mixture does not exist yet, so its length distribution is built from the tasks it will
-hold, read from the data mirror: SAMSum (dialogue -> summary), SST-2 (sentence -> label), Multi30k
-(English -> German), SQuAD dev (context and question -> answer) and CoNLL-2003 (sentence -> entities),
-the same number of examples from each, written as a user turn and an assistant reply and tokenized with
-the GPT-2 BPE (``<data_dir>/tokenizers/gpt2``). The loss covers the reply only, as task=sft's does.
+The examples are the instruction mixture's training conversations (``task/source=instruct-mixture``,
+``--per-task`` from each of SST-2, SAMSum, Multi30k, SQuAD and CoNLL-2003), rendered by the default chat
+template and tokenized with the GPT-2 BPE (``<data_dir>/tokenizers/gpt2``) as task=sft encodes them, the
+loss on the replies only.
 
 A small GPT (``--layers`` x ``--width``) trains on the CPU (forward, next-token loss over all positions as the
 language-modelling task computes it, backward, AdamW) with four kinds of batches. Its vocabulary is
@@ -32,7 +31,6 @@ import itertools
 import json
 import os
 import platform
-import random
 import statistics
 import sys
 import time
@@ -47,79 +45,21 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from lmforge.data.chat import encode_conversation  # noqa: E402
+from lmforge.data.chat_template import DEFAULT_SPECIAL_TOKENS, DEFAULT_TEMPLATE, ChatTemplate  # noqa: E402
+from lmforge.data.instruct_mixture import TASKS, InstructMixture  # noqa: E402
 from lmforge.data.labels import IGNORE  # noqa: E402
 from lmforge.data.packing import collate_packed, collate_padded, pack_examples  # noqa: E402
 from lmforge.data.sampling import ResumableShuffleSampler  # noqa: E402
-from lmforge.data.tokenizers import gpt2_tokenizer  # noqa: E402
+from lmforge.data.tokenizers import EOS, gpt2_tokenizer  # noqa: E402
 from lmforge.models.gpt import GPT  # noqa: E402
 
-Pair = tuple[str, str]  # (user turn, assistant reply)
 
-
-def samsum(data: Path, rng: random.Random, n: int) -> list[Pair]:
-    rows = [json.loads(line) for line in (data / "samsum" / "train.jsonl").open(encoding="utf-8")]
-    return [(f"Summarize this dialogue.\n{r['dialogue']}", r["summary"]) for r in rng.sample(rows, n)]
-
-
-def sst2(data: Path, rng: random.Random, n: int) -> list[Pair]:
-    lines = (data / "glue" / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
-    rows = [line.rsplit("\t", 1) for line in rng.sample(lines, n)]
-    return [(f"Is this review positive or negative?\n{s}", ["negative", "positive"][int(y)]) for s, y in rows]
-
-
-def multi30k(data: Path, rng: random.Random, n: int) -> list[Pair]:
-    en = (data / "multi30k" / "train.en").read_text(encoding="utf-8").splitlines()
-    de = (data / "multi30k" / "train.de").read_text(encoding="utf-8").splitlines()
-    return [(f"Translate into German.\n{en[i]}", de[i]) for i in rng.sample(range(len(en)), n)]
-
-
-def squad(data: Path, rng: random.Random, n: int) -> list[Pair]:
-    articles = json.loads((data / "squad" / "dev-v1.1.json").read_text(encoding="utf-8"))["data"]
-    questions = [(p["context"], q) for a in articles for p in a["paragraphs"] for q in p["qas"]]
-    return [
-        (f"Answer from the passage.\n{context}\nQuestion: {q['question']}", q["answers"][0]["text"])
-        for context, q in rng.sample(questions, n)
-    ]
-
-
-def conll(data: Path, rng: random.Random, n: int) -> list[Pair]:
-    sentences, words, tags = [], [], []
-    for line in [*(data / "conll2003" / "train.txt").read_text(encoding="utf-8").splitlines(), ""]:
-        if line.strip():
-            word, *_, tag = line.split()
-            words.append(word)
-            tags.append(tag)
-        elif words:
-            sentences.append((words, tags))
-            words, tags = [], []
-    return [(f"List the named entities.\n{' '.join(w)}", _entities(w, t)) for w, t in rng.sample(sentences, n)]
-
-
-def _entities(words: list[str], tags: list[str]) -> str:
-    spans: list[list[str]] = []
-    for word, tag in zip(words, tags):
-        if tag.startswith("B-") or (tag.startswith("I-") and not spans):
-            spans.append([tag[2:], word])
-        elif tag.startswith("I-"):
-            spans[-1].append(word)
-    return "; ".join(f"{s[0]}: {' '.join(s[1:])}" for s in spans) or "none"
-
-
-SOURCES = {"samsum": samsum, "sst2": sst2, "multi30k": multi30k, "squad": squad, "conll2003": conll}
-
-
-def encode(tok, pairs: list[Pair], row_length: int) -> tuple[list[list[int]], list[list[int]], int]:
-    """Token ids and labels (the reply only) of each pair, kept to ``row_length + 1`` tokens (the start, as
-    task=sft keeps); and how many were cut."""
-    prompts = tok.encode_batch([f"<|user|>\n{p}\n<|assistant|>\n" for p, _ in pairs], add_special_tokens=False)
-    replies = tok.encode_batch([f"{r}<|endoftext|>" for _, r in pairs], add_special_tokens=False)
-    ids, labels, cut = [], [], 0
-    for p, r in zip(prompts, replies):
-        x, y = p.ids + r.ids, [IGNORE] * len(p.ids) + r.ids
-        cut += len(x) > row_length + 1
-        ids.append(x[: row_length + 1])
-        labels.append(y[: row_length + 1])
-    return ids, labels, cut
+def encode(conversations: list[list[dict]], tok, row_length: int) -> list[tuple[list[int], list[int]]]:
+    """Each conversation as task=sft encodes it: the default chat template, the loss on the replies, at
+    most ``row_length + 1`` tokens (the start kept)."""
+    template = ChatTemplate(DEFAULT_TEMPLATE, eos_token=EOS)
+    return [encode_conversation(template, tok, messages, row_length) for messages in conversations]
 
 
 def padded_batches(examples, batch: int, order: Iterator[int], pad_to: int | None) -> Iterator:
@@ -187,17 +127,21 @@ def run_interleaved(model, opt, modes: dict[str, Iterator], seconds: float) -> d
     return totals
 
 
-def load_examples(data: Path, per_source: int, row_length: int, seed: int, tok) -> tuple[list, list[str]]:
-    """The mixture's examples as (ids, labels), and a line of length statistics per source."""
-    rng = random.Random(seed)
-    examples, lines = [], []
-    for name, read in SOURCES.items():
-        ids, labels, cut = encode(tok, read(data, rng, per_source), row_length)
-        lengths = [len(x) for x in ids]
-        lines.append(f"{name:10s} {len(ids):6d} {statistics.mean(lengths):8.1f} {statistics.median(lengths):7.0f} "
+def load_examples(data: Path, per_task: int, row_length: int, seed: int, tok) -> tuple[list, list[str]]:
+    """The mixture's training conversations as (ids, labels), and a line of length statistics per task."""
+    lines = InstructMixture(train_per_task=per_task, seed=seed).load(str(data), ("train",))["train"]
+    by_task: dict[str, list] = {}
+    for origin, _, line in lines:
+        by_task.setdefault(origin.split("/")[1], []).append(json.loads(line)["messages"])
+    examples, table = [], []
+    for task in TASKS:
+        encoded = encode(by_task[task], tok, row_length)
+        lengths = [len(x) for x, _ in encoded]
+        cut = sum(n > row_length for n in lengths)  # at the cap: cut, but for one that fits exactly
+        table.append(f"{task:10s} {len(encoded):6d} {statistics.mean(lengths):8.1f} {statistics.median(lengths):7.0f} "
                      f"{max(lengths):6d} {cut:6d}")  # fmt: skip
-        examples += list(zip(ids, labels))
-    return examples, lines
+        examples += encoded
+    return examples, table
 
 
 def print_table(results: dict, batch_sizes: dict) -> None:
@@ -218,7 +162,7 @@ def print_table(results: dict, batch_sizes: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=os.environ.get("LMFORGE_DATA"), help="the data mirror (LMFORGE_DATA)")
-    parser.add_argument("--per-source", type=int, default=600, help="examples from each task")
+    parser.add_argument("--per-task", type=int, default=600, help="training conversations from each task")
     parser.add_argument("--row-length", type=int, default=512, help="positions per row (task=sft's block_size)")
     parser.add_argument("--batch", type=int, default=16, help="examples per padded batch (task=sft's batch_size)")
     parser.add_argument("--rows", type=int, default=4, help="rows per packed (and row-length padded) batch")
@@ -233,10 +177,10 @@ def main() -> None:
     data = Path(args.data)
     print(f"{date.today()}  torch {torch.__version__}  {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")  # fmt: skip
-    examples, lines = load_examples(
-        data, args.per_source, args.row_length, args.seed, gpt2_tokenizer(local_dir=str(data / "tokenizers" / "gpt2"))
-    )
-    print("\nsource     examples  mean   median    max    cut (tokens, GPT-2 BPE)\n" + "\n".join(lines))
+    tok = gpt2_tokenizer(local_dir=str(data / "tokenizers" / "gpt2"))
+    tok.add_special_tokens(list(DEFAULT_SPECIAL_TOKENS))  # what task=sft adds for the template
+    examples, lines = load_examples(data, args.per_task, args.row_length, args.seed, tok)
+    print("\ntask       examples  mean   median    max    cut (tokens, GPT-2 BPE)\n" + "\n".join(lines))
     rows = pack_examples([x for x, _ in examples], [y for _, y in examples], args.row_length)
     print(
         f"\n{len(examples)} examples -> {len(rows)} packed rows of {args.row_length} ({rows.padding_share:.1%} padding)\n"
