@@ -345,8 +345,10 @@ def _train_one(
         "hardware": last.get("hardware"),
     }
     append_result(out / RESULTS_FILE, record)
-    if run.report:
-        log.info("%s seed %d: %s %s in %.0f s", run.name, seed, suite.metric, record["metrics"].get(suite.metric), wall)
+    # A row of a suite of several tasks may score only some columns: the first it has.
+    shown = next((k for k in [suite.metric, *suite.columns] if k in record["metrics"]), None)
+    if run.report and shown:
+        log.info("%s seed %d: %s %s in %.0f s", run.name, seed, shown, record["metrics"][shown], wall)
     else:
         log.info("%s seed %d: done in %.0f s", run.name, seed, wall)
     return record
