@@ -45,7 +45,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from lmforge.data.chat import encode_conversation  # noqa: E402
+from lmforge.data.chat import InvalidConversation, encode_conversation  # noqa: E402
 from lmforge.data.chat_template import DEFAULT_SPECIAL_TOKENS, DEFAULT_TEMPLATE, ChatTemplate  # noqa: E402
 from lmforge.data.instruct_mixture import TASKS, InstructMixture  # noqa: E402
 from lmforge.data.labels import IGNORE  # noqa: E402
@@ -55,11 +55,18 @@ from lmforge.data.tokenizers import EOS, gpt2_tokenizer  # noqa: E402
 from lmforge.models.gpt import GPT  # noqa: E402
 
 
-def encode(conversations: list[list[dict]], tok, row_length: int) -> list[tuple[list[int], list[int]]]:
+def encode(conversations: list[list[dict]], tok, row_length: int) -> tuple[list[tuple[list[int], list[int]]], int]:
     """Each conversation as task=sft encodes it: the default chat template, the loss on the replies, at
-    most ``row_length + 1`` tokens (the start kept)."""
+    most ``row_length + 1`` tokens (the start kept); and how many it skips, as ``skip_invalid=true`` does
+    (a prompt longer than the row)."""
     template = ChatTemplate(DEFAULT_TEMPLATE, eos_token=EOS)
-    return [encode_conversation(template, tok, messages, row_length) for messages in conversations]
+    examples, skipped = [], 0
+    for messages in conversations:
+        try:
+            examples.append(encode_conversation(template, tok, messages, row_length))
+        except InvalidConversation:
+            skipped += 1
+    return examples, skipped
 
 
 def padded_batches(examples, batch: int, order: Iterator[int], pad_to: int | None) -> Iterator:
@@ -135,11 +142,11 @@ def load_examples(data: Path, per_task: int, row_length: int, seed: int, tok) ->
         by_task.setdefault(origin.split("/")[1], []).append(json.loads(line)["messages"])
     examples, table = [], []
     for task in TASKS:
-        encoded = encode(by_task[task], tok, row_length)
+        encoded, skipped = encode(by_task[task], tok, row_length)
         lengths = [len(x) for x, _ in encoded]
         cut = sum(n > row_length for n in lengths)  # at the cap: cut, but for one that fits exactly
         table.append(f"{task:10s} {len(encoded):6d} {statistics.mean(lengths):8.1f} {statistics.median(lengths):7.0f} "
-                     f"{max(lengths):6d} {cut:6d}")  # fmt: skip
+                     f"{max(lengths):6d} {cut:6d} {skipped:8d}")  # fmt: skip
         examples += encoded
     return examples, table
 
@@ -180,7 +187,7 @@ def main() -> None:
     tok = gpt2_tokenizer(local_dir=str(data / "tokenizers" / "gpt2"))
     tok.add_special_tokens(list(DEFAULT_SPECIAL_TOKENS))  # what task=sft adds for the template
     examples, lines = load_examples(data, args.per_task, args.row_length, args.seed, tok)
-    print("\ntask       examples  mean   median    max    cut (tokens, GPT-2 BPE)\n" + "\n".join(lines))
+    print("\ntask       examples  mean   median    max    cut  skipped (tokens, GPT-2 BPE)\n" + "\n".join(lines))
     rows = pack_examples([x for x, _ in examples], [y for _, y in examples], args.row_length)
     print(
         f"\n{len(examples)} examples -> {len(rows)} packed rows of {args.row_length} ({rows.padding_share:.1%} padding)\n"
