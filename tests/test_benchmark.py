@@ -53,6 +53,11 @@ def test_groups_expand_in_place_and_may_nest():
         ({"runs": {}}, "declares no runs"),
         ({"mode": "up"}, "mode must be min or max"),
         (
+            {"runs": {"a": {"overrides": ["model=gpt2-tiny"], "seeds": ["b"]}}},
+            "Suite s, run a: seeds must be a list of",
+        ),
+        ({"seeds": "one"}, "Suite s: seeds must be a list of integers"),
+        (
             {"runs": {"lm": ["task=text"], "sft": {"overrides": ["init_from={run:lm}"], "seeds": [1337, 2]}}},
             r"run sft is trained at seed\(s\) \[2\], where run 'lm' it starts from is not",
         ),
@@ -92,6 +97,8 @@ def test_a_run_with_its_own_seeds_is_trained_at_those_and_the_others_at_the_suit
     )
     plan = [(seed, run.name) for seed, run in training_plan(suite, suite.runs)]
     assert plan == [(1337, "lm"), (1337, "sft"), (1337, "gru"), (1, "lm"), (1, "sft"), (2, "lm")]
+    one = load_suite(suite_cfg(seeds=5, runs={"a": {"overrides": ["model=gru"], "seeds": 3}}))
+    assert (one.seeds, one.runs[0].seeds) == ([5], [3])  # one integer is a list of one
     # seeds= on the command line trains every run at those seeds, its own or not.
     assert [(seed, run.name) for seed, run in training_plan(suite, suite.runs, [5])] == [
         (5, "lm"),

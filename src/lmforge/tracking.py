@@ -253,9 +253,14 @@ def append_result(results_file: str | Path, record: dict[str, Any]) -> None:
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     """Write a JSON file atomically."""
+    write_text_atomically(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Write ``text`` to a file beside ``path`` and rename it into place: ``path`` is never half written."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
 

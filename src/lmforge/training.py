@@ -187,7 +187,9 @@ def _fit_and_test(cfg: DictConfig, run: Run, start_from: Path | None, last_ckpt:
         metrics.update(_float_metrics(test[0] if test else {}))
         if is_rank_zero():  # tuned on the instruction mixture: each task's replies scored by its own metric
             replies = Path(cfg.paths.run_dir) / "replies.jsonl"
-            metrics.update(score_replies(run.backbone, run.tokenizer, cfg, run.datamodule, "test", 64, replies))
+            metrics.update(
+                score_replies(run.backbone, run.tokenizer, cfg, run.datamodule, "test", replies_file=replies)
+            )
     if checkpoint is not None and checkpoint.best_model_score is not None:
         metrics[f"best_{checkpoint.monitor}"] = round(float(checkpoint.best_model_score), 6)
     return _Outcome(metrics, best or None, stopped_early)

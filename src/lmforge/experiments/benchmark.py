@@ -115,12 +115,12 @@ def load_suite(cfg: DictConfig) -> Suite:
     for run_name, spec in _plain(cfg.get("runs")).items():
         spec = spec if isinstance(spec, dict) else {"overrides": spec}
         overrides, report = spec.get("overrides") or [], bool(spec.get("report", True))
-        own_seeds = [int(s) for s in spec["seeds"]] if spec.get("seeds") else None
+        own_seeds = _declared_seeds(spec.get("seeds"), f"Suite {name}, run {run_name}") or None
         expanded = _expand(overrides, groups, f"Suite {name}, run {run_name}")
         runs.append(SuiteRun(str(run_name), expanded, report, own_seeds))
     if not runs:
         raise LmforgeError(f"Suite {name} declares no runs (`runs:` is empty).")
-    suite_seeds = [int(s) for s in cfg.get("seeds") or [1337]]
+    suite_seeds = _declared_seeds(cfg.get("seeds"), f"Suite {name}") or [1337]
     _check_starting_runs(name, runs, suite_seeds)
     mode = str(cfg.get("mode") or "min")
     if mode not in ("min", "max"):
@@ -141,6 +141,14 @@ def load_suite(cfg: DictConfig) -> Suite:
         task=task,
         baselines=baselines,
     )
+
+
+def _declared_seeds(value: Any, where: str) -> list[int]:
+    """A suite's or a run's ``seeds:`` (one integer or a list) as a list; a bad one is one sentence."""
+    try:
+        return _as_list(value, int, "seeds", "integers")
+    except LmforgeError as err:
+        raise LmforgeError(f"{where}: {err}") from None
 
 
 def _check_starting_runs(suite: str, runs: list[SuiteRun], suite_seeds: list[int]) -> None:

@@ -20,7 +20,6 @@ replies in ``replies.jsonl``); ``lmforge-evaluate`` scores either held-out split
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -126,9 +125,9 @@ def score_replies(
         lines += [{"task": task, "prompt": messages[-2]["content"], "reference": reference, "reply": reply}
                   for messages, reference, reply in zip(conversations, references, replies)]  # fmt: skip
     if replies_file is not None:
-        partial = Path(f"{replies_file}.partial")  # renamed into place whole: never a file that looks complete
-        partial.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
-        os.replace(partial, replies_file)
+        from lmforge.tracking import write_text_atomically
+
+        write_text_atomically(replies_file, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     return scores
 
 
