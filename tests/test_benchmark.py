@@ -57,6 +57,7 @@ def test_groups_expand_in_place_and_may_nest():
             "Suite s, run a: seeds must be a list of",
         ),
         ({"seeds": "one"}, "Suite s: seeds must be a list of integers"),
+        ({"seeds": [1337, 1.5]}, "Suite s: seeds must be a list of integers"),  # not truncated to 1
         (
             {"runs": {"lm": ["task=text"], "sft": {"overrides": ["init_from={run:lm}"], "seeds": [1337, 2]}}},
             r"run sft is trained at seed\(s\) \[2\], where run 'lm' it starts from is not",

@@ -296,9 +296,13 @@ def _as_list(value: Any, kind: type, key: str, what: str) -> list[Any]:
         return []
     values = list(value) if OmegaConf.is_list(value) or isinstance(value, list) else [value]
     try:
-        return [kind(v) for v in values]
+        parsed = [kind(v) for v in values]
     except (TypeError, ValueError):
-        raise LmforgeError(f"{key} must be a list of {what}, as in {key}=[1,2], not {value}.") from None
+        parsed = None
+    # A value that changes when converted (seed 1.5 or true) is refused, not truncated to 1.
+    if parsed is None or any(str(p) != str(v) for p, v in zip(parsed, values, strict=True)):
+        raise LmforgeError(f"{key} must be a list of {what}, as in {key}=[1,2], not {value}.")
+    return parsed
 
 
 def _train_one(

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from lmforge.data.instruct_mixture import TASKS
 from lmforge.data.tokenizers import EOS
+from lmforge.tracking import write_text_atomically
 
 
 def generate_replies(backbone, tokenizer, template, conversations: list[list[dict]], max_new_tokens: int,
@@ -125,8 +126,6 @@ def score_replies(
         lines += [{"task": task, "prompt": messages[-2]["content"], "reference": reference, "reply": reply}
                   for messages, reference, reply in zip(conversations, references, replies)]  # fmt: skip
     if replies_file is not None:
-        from lmforge.tracking import write_text_atomically
-
         write_text_atomically(replies_file, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     return scores
 
